@@ -1,0 +1,3 @@
+from tcr_mirror.cli import main
+
+raise SystemExit(main())

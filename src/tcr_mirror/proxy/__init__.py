@@ -1,0 +1,1 @@
+"""tcr_mirror.proxy."""
