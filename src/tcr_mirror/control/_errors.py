@@ -1,0 +1,66 @@
+"""Errors of the TCR control plane, each carrying TCR's own answer.
+
+TCR (Tencent Cloud API 3.0) answers every request that reached the server
+with HTTP 200 and an envelope ``{"Response": {"Error": {"Code", "Message"},
+"RequestId"}}``. :class:`TcrError` keeps that code, message and request id so
+callers (the audit log, the CLI) can show TCR's words, not ours. Failures
+before an answer arrived (network, timeout, an answer that is not the
+envelope) are :class:`TcrTransportError` with a ``ClientError.*`` code, the
+same family the official SDKs use.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BAD_RESPONSE",
+    "NETWORK_ERROR",
+    "TIMEOUT",
+    "TcrError",
+    "TcrTransportError",
+]
+
+NETWORK_ERROR = "ClientError.NetworkError"
+TIMEOUT = "ClientError.Timeout"
+BAD_RESPONSE = "ClientError.BadResponse"
+
+
+class TcrError(Exception):
+    """A TCR call failed; the root of every control-plane error.
+
+    Attributes:
+        code: TCR's error code, e.g. ``"AuthFailure.SignatureFailure"``.
+        message: TCR's message (or ours for transport errors).
+        request_id: The ``RequestId`` of the answer, None if there was none.
+        action: The action called (``X-TC-Action``), None if unknown.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        action: str | None = None,
+    ) -> None:
+        super().__init__(code, message, request_id, action)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.action = action
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message} (RequestId {self.request_id})"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"request_id={self.request_id!r}, action={self.action!r})"
+        )
+
+
+class TcrTransportError(TcrError):
+    """No usable TCR answer: network failure, timeout or a malformed reply.
+
+    ``code`` is one of ``ClientError.NetworkError``, ``ClientError.Timeout``
+    or ``ClientError.BadResponse``.
+    """
