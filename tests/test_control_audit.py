@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tcr_mirror.control import CallRecord, TcrError, TcrResponse
 from tcr_mirror.control._audit import (
     GENESIS_HASH,
     REDACTED,
@@ -31,56 +31,46 @@ SECRET_PASSWORD = "hunter2-PLUGH"
 SECRET_KEY = "Gu5t9xGARNpq86cd98joQYCN3EXAMPLE"
 
 
-@dataclass(frozen=True)
-class FakeResponse:
-    action: str
-    request_id: str
-    data: dict[str, Any]
+def make_call(
+    action: str,
+    params: Mapping[str, Any] | None = None,
+    response: TcrResponse | None = None,
+    error: TcrError | None = None,
+    started_at: float = 1735877397.25,
+) -> CallRecord:
+    return CallRecord(
+        action=action,
+        params=dict(params or {}),
+        response=response,
+        error=error,
+        started_at=started_at,
+        duration=0.012,
+        endpoint="http://127.0.0.1:9000",
+        region="ap-guangzhou",
+        user_agent="tcr-mirror/0.1",
+    )
 
 
-@dataclass(frozen=True)
-class FakeError:
-    code: str
-    message: str
-    request_id: str | None = None
-    action: str | None = None
-
-
-@dataclass(frozen=True)
-class FakeCall:
-    """Shaped like the client's CallRecord."""
-
-    action: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    response: FakeResponse | None = None
-    error: FakeError | None = None
-    started_at: float = 1735877397.25
-    duration: float = 0.012
-    endpoint: str = "http://127.0.0.1:9000"
-    region: str = "ap-guangzhou"
-    user_agent: str = "tcr-mirror/0.1"
-
-
-def token_call(started_at: float = 1735877397.25) -> FakeCall:
+def token_call(started_at: float = 1735877397.25) -> CallRecord:
     data = {
         "Username": "100036950234",
         "Token": SECRET_TOKEN,
         "ExpTime": 1735880997750,
         "TokenId": "",
     }
-    return FakeCall(
+    return make_call(
         "CreateInstanceToken",
         {"RegistryId": "tcr-dg284imq", "TokenType": "temp"},
-        FakeResponse("CreateInstanceToken", "req-1", data),
+        TcrResponse("CreateInstanceToken", "req-1", data),
         started_at=started_at,
     )
 
 
-def failed_call(started_at: float = 1735877400.0) -> FakeCall:
-    return FakeCall(
+def failed_call(started_at: float = 1735877400.0) -> CallRecord:
+    return make_call(
         "DeleteInstanceToken",
         {"RegistryId": "tcr-dg284imq", "TokenId": "nope"},
-        error=FakeError("ResourceNotFound", "no such token", "req-2"),
+        error=TcrError("ResourceNotFound", "no such token", request_id="req-2"),
         started_at=started_at,
     )
 
@@ -133,9 +123,9 @@ def test_failed_call_is_an_event_with_its_code() -> None:
 
 
 def test_auth_failure_is_not_an_api_error() -> None:
-    call = FakeCall(
+    call = make_call(
         "DescribeInstances",
-        error=FakeError("AuthFailure.SignatureFailure", "bad signature", "r"),
+        error=TcrError("AuthFailure.SignatureFailure", "bad signature", request_id="r"),
     )
     event = event_from_call(call, secret_id=None)
 
@@ -170,12 +160,12 @@ def test_secrets_never_reach_the_file(tmp_path: Path) -> None:
         hook = audit_hook(log, secret_id="AKIDexample")
         hook(token_call())
         hook(
-            FakeCall(
+            make_call(
                 "ManageReplication",
                 {"PeerReplicationOption": {"PeerRegistryToken": SECRET_TOKEN}},
             )
         )
-        hook(FakeCall("CreateUserPersonal", {"Password": SECRET_PASSWORD}))
+        hook(make_call("CreateUserPersonal", {"Password": SECRET_PASSWORD}))
 
     text = path.read_text()
     assert len(text.splitlines()) == 3

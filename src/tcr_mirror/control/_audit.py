@@ -27,8 +27,11 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
+
+from ._client import CallRecord
+from ._errors import TcrError
 
 __all__ = [
     "GENESIS_HASH",
@@ -86,42 +89,8 @@ def _is_secret_name(name: str) -> bool:
 # --- building events -----------------------------------------------------
 
 
-class _ErrorLike(Protocol):
-    code: str
-    message: str
-    request_id: str | None
-
-
-class _ResponseLike(Protocol):
-    request_id: str
-    data: dict[str, Any]
-
-
-class CallLike(Protocol):
-    """What the audit log reads from the client's ``CallRecord``."""
-
-    @property
-    def action(self) -> str: ...
-    @property
-    def params(self) -> Mapping[str, Any]: ...
-    @property
-    def response(self) -> _ResponseLike | None: ...
-    @property
-    def error(self) -> _ErrorLike | None: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
-    def duration(self) -> float: ...
-    @property
-    def endpoint(self) -> str: ...
-    @property
-    def region(self) -> str: ...
-    @property
-    def user_agent(self) -> str: ...
-
-
 def event_from_call(
-    call: CallLike, *, secret_id: str | None, source_ip: str = ""
+    call: CallRecord, *, secret_id: str | None, source_ip: str = ""
 ) -> dict[str, Any]:
     """Build the CloudAudit-shaped record of one TCR call (not yet chained).
 
@@ -159,12 +128,13 @@ def event_from_call(
         "requestParameters": _compact(params),
         "responseElements": _response_elements(call),
         "durationMs": round(call.duration * 1000, 3),
+        "attempts": call.attempts,
     }
     event.update(_error_fields(call.error))
     return event
 
 
-def _request_id(call: CallLike) -> str:
+def _request_id(call: CallRecord) -> str:
     if call.response is not None:
         return call.response.request_id
     if call.error is not None and call.error.request_id:
@@ -180,7 +150,7 @@ def _resource_name(params: Mapping[str, Any]) -> str:
     return ""
 
 
-def _response_elements(call: CallLike) -> str:
+def _response_elements(call: CallRecord) -> str:
     if call.response is None:
         return ""
     elements = dict(redact(call.response.data))
@@ -188,7 +158,7 @@ def _response_elements(call: CallLike) -> str:
     return _compact(elements)
 
 
-def _error_fields(error: _ErrorLike | None) -> dict[str, Any]:
+def _error_fields(error: TcrError | None) -> dict[str, Any]:
     # CloudAudit splits auth (CAM) failures into errorCode and business
     # failures into apiErrorCode; errorCode carries either, so one field
     # answers "did it fail, and how".
@@ -337,7 +307,7 @@ def _seal(record: Mapping[str, Any]) -> bytes:
 
 def audit_hook(
     log: AuditLog, *, secret_id: str | None = None, source_ip: str = ""
-) -> Callable[[CallLike], None]:
+) -> Callable[[CallRecord], None]:
     """Return an ``on_call`` hook for ``TcrClient`` that audits every call.
 
     Args:
@@ -350,7 +320,7 @@ def audit_hook(
         synchronously (one small write and an fsync per call).
     """
 
-    def on_call(call: CallLike) -> None:
+    def on_call(call: CallRecord) -> None:
         log.append(event_from_call(call, secret_id=secret_id, source_ip=source_ip))
 
     return on_call
