@@ -1,0 +1,196 @@
+"""The node daemon's configuration: a TOML file, then flags over it.
+
+Example ``node.toml``::
+
+    listen = "127.0.0.1:5000"
+    data_dir = "/var/lib/tcr-mirror"
+    metrics_listen = "127.0.0.1:9500"
+    tag_ttl = 5.0
+
+    [[upstreams]]
+    url = "https://example.tencentcloudcr.com"
+    default = true
+    credentials_file = "/etc/tcr-mirror/example.credentials"
+
+    [[upstreams]]
+    namespace = "docker.io"
+    url = "https://mirror.ccs.tencentyun.com"
+
+An upstream's ``namespace`` is the ``ns`` value containerd sends for it (the
+registry host it was asked to pull from); it defaults to the URL's
+``host[:port]``. A credentials file holds ``username:password`` on its first
+line, so that secrets never appear in a process listing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tcr_mirror.proxy._auth import Credentials
+
+__all__ = ["ConfigError", "NodeConfig", "UpstreamConfig", "parse_host_port"]
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    namespace: str
+    url: str
+    default: bool = False
+    credentials: Credentials | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 5000)
+    data_dir: Path = Path("/var/lib/tcr-mirror")
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    metrics_listen: tuple[str, int] | None = None
+    tag_ttl: float = 5.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def default_upstream(self) -> UpstreamConfig | None:
+        return next((up for up in self.upstreams if up.default), None)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> NodeConfig:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+        return cls().with_document(document)
+
+    def with_document(self, document: dict[str, Any]) -> NodeConfig:
+        """Apply the keys of a parsed TOML document."""
+        changes: dict[str, Any] = {}
+        for key, value in document.items():
+            if key == "upstreams":
+                changes[key] = tuple(_upstream_from_table(t) for t in _tables(value))
+            elif key in ("listen", "metrics_listen"):
+                changes[key] = parse_host_port(_str(key, value))
+            elif key == "data_dir":
+                changes[key] = Path(_str(key, value))
+            elif key in ("tag_ttl", "connect_timeout", "read_timeout"):
+                changes[key] = _seconds(key, value)
+            elif key == "log_level":
+                changes[key] = _str(key, value)
+            else:
+                raise ConfigError(f"unknown config key {key!r}")
+        return replace(self, **changes).validated()
+
+    def validated(self) -> NodeConfig:
+        defaults = [up for up in self.upstreams if up.default]
+        if len(defaults) > 1:
+            raise ConfigError("more than one default upstream")
+        names = [up.namespace for up in self.upstreams]
+        duplicates = {name for name in names if names.count(name) > 1}
+        if duplicates:
+            raise ConfigError(
+                f"upstream namespace given twice: {sorted(duplicates)[0]}"
+            )
+        return self
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_upstream_flag(text: str) -> UpstreamConfig:
+    """Parse ``--upstream [NS=]URL``; the form without ``NS=`` is the default."""
+    namespace, sep, url = text.partition("=")
+    if not sep or "://" in namespace:
+        return make_upstream(None, text, default=True)
+    return make_upstream(namespace, url, default=False)
+
+
+def make_upstream(
+    namespace: str | None,
+    url: str,
+    *,
+    default: bool,
+    credentials: Credentials | None = None,
+) -> UpstreamConfig:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
+    if parts.username or parts.password:
+        raise ConfigError("put upstream credentials in a credentials file, not the URL")
+    base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
+
+
+def read_credentials_file(path: Path) -> Credentials:
+    """Read ``username:password`` from the first line of a file."""
+    try:
+        line = (
+            Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read credentials file {path}: {exc.strerror}"
+        ) from exc
+    username, sep, password = line.strip().partition(":")
+    if not sep or not username:
+        raise ConfigError(f"credentials file {path} must hold username:password")
+    return Credentials(username, password)
+
+
+def _upstream_from_table(table: dict[str, Any]) -> UpstreamConfig:
+    unknown = set(table) - {
+        "url",
+        "namespace",
+        "default",
+        "credentials_file",
+        "username",
+        "password",
+    }
+    if unknown:
+        raise ConfigError(f"unknown upstream key {sorted(unknown)[0]!r}")
+    credentials = None
+    if "credentials_file" in table:
+        credentials = read_credentials_file(
+            Path(_str("credentials_file", table["credentials_file"]))
+        )
+    elif "username" in table:
+        password = _str("password", table.get("password", ""))
+        credentials = Credentials(_str("username", table["username"]), password)
+    namespace = table.get("namespace")
+    return make_upstream(
+        None if namespace is None else _str("namespace", namespace),
+        _str("url", table.get("url")),
+        default=bool(table.get("default", False)),
+        credentials=credentials,
+    )
+
+
+def _tables(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError("upstreams must be an array of tables ([[upstreams]])")
+    return value
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string")
+    return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key} must be a non-negative number of seconds")
+    return float(value)

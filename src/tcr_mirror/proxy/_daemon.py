@@ -1,0 +1,110 @@
+"""The node daemon: the store, the upstreams and the HTTP servers, wired.
+
+Everything long-lived hangs off one nursery: the listeners, the blob
+fetches (so a fetch outlives the request that started it) and the metrics
+server. SIGTERM or SIGINT cancels it; the store is closed on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from tcr_mirror import __version__
+from tcr_mirror.proxy._config import NodeConfig
+from tcr_mirror.proxy._fetch import BlobFetcher
+from tcr_mirror.proxy._http import HttpServer, Request, Response
+from tcr_mirror.proxy._mirror import Mirror, Upstreams
+from tcr_mirror.proxy._store import BlobStore
+from tcr_mirror.proxy._upstream import StaticCredentials, Upstream, UpstreamTimeouts
+
+__all__ = ["run_node", "serve_until_signal"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_upstreams(config: NodeConfig) -> Upstreams:
+    timeouts = UpstreamTimeouts(config.connect_timeout, config.read_timeout)
+    upstreams = []
+    default = None
+    for up in config.upstreams:
+        source = StaticCredentials(up.credentials) if up.credentials else None
+        upstream = Upstream(
+            up.namespace,
+            up.url,
+            credentials=source,
+            timeouts=timeouts,
+            user_agent=f"tcr-mirror/{__version__}",
+        )
+        upstreams.append(upstream)
+        if up.default:
+            default = upstream
+    return Upstreams(upstreams, default)
+
+
+async def run_node(
+    config: NodeConfig,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the mirror until cancelled.
+
+    Reports ``(host, port)`` of the bound listener through ``task_status``.
+    """
+    store = BlobStore(config.data_dir)
+    recovered = store.recover()
+    logger.info(
+        "store_recovered", extra={"data_dir": str(config.data_dir), **recovered}
+    )
+    upstreams = build_upstreams(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            fetcher = BlobFetcher(store, nursery)
+            mirror = Mirror(store, fetcher, upstreams, tag_ttl=config.tag_ttl)
+            host, port = config.listen
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            await nursery.start(HttpServer(mirror.handle).serve, listeners)
+            bound = listeners[0].socket.getsockname()[:2]
+            if config.metrics_listen is not None:
+                await _start_metrics(nursery, config.metrics_listen)
+            logger.info(
+                "node_listening",
+                extra={
+                    "address": f"{bound[0]}:{bound[1]}",
+                    "upstreams": [up.namespace for up in config.upstreams],
+                },
+            )
+            task_status.started((bound[0], bound[1]))
+    finally:
+        with trio.CancelScope(shield=True):
+            await upstreams.aclose()
+        store.close()
+
+
+async def _start_metrics(nursery: trio.Nursery, address: tuple[str, int]) -> None:
+    async def handle(request: Request) -> Response:
+        path = request.target.partition("?")[0]
+        if path in ("/healthz", "/readyz"):
+            return Response(200, [("Content-Type", "text/plain")], b"ok\n")
+        return Response(404, [("Content-Type", "text/plain")], b"not found\n")
+
+    host, port = address
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await nursery.start(HttpServer(handle).serve, listeners)
+    bound = listeners[0].socket.getsockname()[:2]
+    logger.info("metrics_listening", extra={"address": f"{bound[0]}:{bound[1]}"})
+
+
+async def serve_until_signal(config: NodeConfig) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_node, config)
+            async for signum in signals:
+                logger.info(
+                    "node_stopping", extra={"signal": signal.Signals(signum).name}
+                )
+                nursery.cancel_scope.cancel()
+                break

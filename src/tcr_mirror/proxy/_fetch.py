@@ -1,0 +1,261 @@
+"""One fetch per digest, shared by every client that wants the blob.
+
+The first request for a blob that is not stored starts a :class:`BlobFetch`:
+a task, owned by the daemon rather than by that request, that streams the
+blob from the upstream into a temporary file and hashes it on the way.
+Every request for the same digest while it runs opens the same temporary
+file and sends from its own offset whatever has arrived, waiting for more,
+so the first bytes reach all clients as soon as the upstream sends them.
+
+Two rules keep a bad fetch from looking like a good blob:
+
+* The last byte of the blob is released to clients only after the whole
+  blob matched its digest. A client that was streaming a blob whose bytes
+  turn out wrong sees its connection end one byte short of the declared
+  length, never a complete body.
+* The temporary file is renamed into the store only after the digest and
+  size matched and the file was fsynced; a failed fetch deletes it.
+
+A body cut off by the network is resumed with a ``Range`` request from the
+first missing byte; an upstream that answers the resume with anything but
+the asked ``206`` fails the fetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import httpx
+import trio
+
+from tcr_mirror.proxy._errors import BlobUnknown, RegistryError, UpstreamUnavailable
+from tcr_mirror.proxy._oci import Digest
+from tcr_mirror.proxy._store import BlobStore
+from tcr_mirror.proxy._upstream import Upstream, status_error
+
+__all__ = ["BlobFetch", "BlobFetcher", "FetchAborted"]
+
+logger = logging.getLogger(__name__)
+
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+# Resumes of one fetch before giving up on the upstream.
+_MAX_RESUMES = 3
+_CHUNK = 1 << 20
+
+
+class FetchAborted(Exception):
+    """The fetch failed after its client had started receiving the body."""
+
+
+class BlobFetch:
+    """A blob being fetched into a temporary file.
+
+    Attributes:
+        digest: The blob's digest.
+        path: Where its bytes are: the temporary file, and the final blob
+            file once :attr:`done`.
+        size: The blob's size once the upstream told it, else None.
+        written: Bytes written to the file so far.
+        done: The blob is verified and in the store.
+        error: Why the fetch failed, if it did.
+    """
+
+    def __init__(self, digest: Digest, path: Path) -> None:
+        self.digest = digest
+        self.path = path
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: RegistryError | None = None
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"BlobFetch({self.digest}, size={self.size}, written={self.written}, "
+            f"done={self.done}, error={self.error!r})"
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.error is not None
+
+    def notify(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def wait_size(self) -> int:
+        """Wait until the upstream told the blob's size.
+
+        Raises:
+            RegistryError: The fetch failed before that.
+        """
+        while self.size is None and self.error is None:
+            await self._changed.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.size is not None
+        return self.size
+
+    def available(self) -> int:
+        """Bytes a client may be sent now (the last waits for the digest)."""
+        if self.done:
+            return self.written
+        if self.size is None:
+            return 0
+        return min(self.written, self.size - 1)
+
+    async def wait_available(self, offset: int) -> int:
+        """Wait until bytes past ``offset`` may be sent.
+
+        Returns:
+            The number of bytes from the start that may be sent, greater
+            than ``offset``.
+
+        Raises:
+            FetchAborted: The fetch failed.
+        """
+        while True:
+            if self.error is not None:
+                raise FetchAborted(self.error.message)
+            available = self.available()
+            if available > offset:
+                return available
+            await self._changed.wait()
+
+
+class BlobFetcher:
+    """Starts fetches and lets later requests join the one in flight.
+
+    Args:
+        store: Where verified blobs go.
+        nursery: Owns the fetch tasks, so a client that hangs up does not
+            cancel the fetch other clients are reading.
+    """
+
+    def __init__(self, store: BlobStore, nursery: trio.Nursery) -> None:
+        self._store = store
+        self._nursery = nursery
+        self._fetches: dict[Digest, BlobFetch] = {}
+
+    def in_flight(self, digest: Digest) -> BlobFetch | None:
+        return self._fetches.get(digest)
+
+    def statistics(self) -> dict[str, int]:
+        return {"in_flight": len(self._fetches)}
+
+    def fetch(self, upstream: Upstream, repository: str, digest: Digest) -> BlobFetch:
+        """Return the fetch of ``digest`` in flight, starting one if needed.
+
+        The temporary file exists when this returns, so a caller can open
+        it at once.
+        """
+        existing = self._fetches.get(digest)
+        if existing is not None:
+            return existing
+        path = self._store.new_temp_path(digest)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fetch = BlobFetch(digest, path)
+        self._fetches[digest] = fetch
+        self._nursery.start_soon(self._run, fetch, fd, upstream, repository)
+        return fetch
+
+    async def _run(
+        self, fetch: BlobFetch, fd: int, upstream: Upstream, repository: str
+    ) -> None:
+        log = {"digest": str(fetch.digest), "upstream": upstream.key}
+        logger.info("blob_fetch_started", extra=log)
+        try:
+            await self._download(fetch, fd, upstream, repository)
+            await trio.to_thread.run_sync(os.fsync, fd)
+            assert fetch.size is not None
+            fetch.path = self._store.commit_blob(fetch.digest, fetch.path, fetch.size)
+            fetch.done = True
+            logger.info("blob_fetch_done", extra={**log, "size": fetch.size})
+        except RegistryError as exc:
+            fetch.error = exc
+            logger.warning("blob_fetch_failed", extra={**log, "reason": exc.message})
+        except Exception as exc:
+            fetch.error = UpstreamUnavailable(f"fetch failed: {type(exc).__name__}")
+            logger.exception("blob_fetch_crashed", extra=log)
+        finally:
+            os.close(fd)
+            if not fetch.done:
+                fetch.path.unlink(missing_ok=True)
+            del self._fetches[fetch.digest]
+            fetch.notify()
+
+    async def _download(
+        self, fetch: BlobFetch, fd: int, upstream: Upstream, repository: str
+    ) -> None:
+        hasher = hashlib.new(fetch.digest.algorithm)
+        path = f"/v2/{repository}/blobs/{fetch.digest}"
+        resumes = 0
+        while True:
+            headers = {"Range": f"bytes={fetch.written}-"} if fetch.written else {}
+            try:
+                async with upstream.request(
+                    "GET", path, repository=repository, headers=headers
+                ) as response:
+                    _check_response(response, fetch, upstream.key)
+                    fetch.notify()
+                    await _absorb(response, fetch, fd, hasher)
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                resumes += 1
+                if resumes > _MAX_RESUMES or fetch.size is None:
+                    raise UpstreamUnavailable(
+                        f"upstream {upstream.key} broke off the blob: "
+                        f"{type(exc).__name__}"
+                    ) from exc
+                logger.info(
+                    "blob_fetch_resumed",
+                    extra={"digest": str(fetch.digest), "offset": fetch.written},
+                )
+                continue
+            break
+
+        if hasher.hexdigest() != fetch.digest.hex:
+            raise UpstreamUnavailable(
+                f"upstream {upstream.key} sent bytes that do not match {fetch.digest}"
+            )
+
+
+async def _absorb(
+    response: httpx.Response, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
+) -> None:
+    assert fetch.size is not None
+    async for chunk in response.aiter_raw(_CHUNK):
+        if fetch.written + len(chunk) > fetch.size:
+            raise UpstreamUnavailable("upstream sent more bytes than the blob's size")
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(fd, view, fetch.written)
+            fetch.written += written
+            view = view[written:]
+        hasher.update(chunk)
+        fetch.notify()
+    if fetch.written != fetch.size:
+        raise httpx.RemoteProtocolError("upstream body ended early")
+
+
+def _check_response(response: httpx.Response, fetch: BlobFetch, key: str) -> None:
+    status = response.status_code
+    if fetch.written == 0 and status == 200:
+        fetch.size = _content_length(response, key)
+        return
+    if fetch.written and status == 206:
+        match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", ""))
+        if match and int(match[1]) == fetch.written and int(match[3]) == fetch.size:
+            return
+        raise UpstreamUnavailable(f"upstream {key} answered a resume with a bad range")
+    raise status_error(response, f"blob {fetch.digest}", key, not_found=BlobUnknown)
+
+
+def _content_length(response: httpx.Response, key: str) -> int:
+    text = response.headers.get("content-length", "")
+    if not text.isdigit():
+        raise UpstreamUnavailable(f"upstream {key} sent a blob without Content-Length")
+    return int(text)

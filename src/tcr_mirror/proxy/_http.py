@@ -1,0 +1,276 @@
+"""The HTTP/1.1 layer of the node mirror: h11 on trio, blobs by sendfile.
+
+h11 makes every parsing and framing decision; this module only moves bytes.
+Responses with a file body are framed by h11 (``Content-Length``) but their
+bytes go from the page cache to the socket with ``sendfile``, never through
+Python. A file body may belong to a blob still being fetched: then the
+sender waits for the fetch's progress, and if the fetch fails it closes the
+connection, so the client sees a body shorter than its declared length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import h11
+import trio
+
+from tcr_mirror.proxy._errors import RegistryError
+from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
+
+__all__ = ["FileBody", "HttpServer", "Request", "Response"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_HEAD = 16 * 1024
+_MAX_REQUEST_BODY = 64 * 1024
+_RECEIVE_SIZE = 64 * 1024
+_SENDFILE_CHUNK = 8 << 20
+# A client has this long to send a request head, and an idle keep-alive
+# connection is closed after this long.
+_HEAD_TIMEOUT = 30.0
+_IDLE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request head; header names are lower-case, the last value wins."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FileBody:
+    """A response body sent from a file descriptor, which the server closes.
+
+    ``fetch`` is set when the file is a blob still being fetched.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    fetch: BlobFetch | None = None
+
+    def __len__(self) -> int:
+        # h11 counts the bytes of a Data event with len().
+        return self.length
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | FileBody = b""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpServer:
+    """Serves a handler on trio listeners, many requests per connection.
+
+    Args:
+        handler: Answers one request; a :class:`RegistryError` it raises is
+            answered as OCI error JSON.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = (
+            trio.TASK_STATUS_IGNORED
+        ),
+    ) -> None:
+        await trio.serve_listeners(
+            self._serve_connection, listeners, task_status=task_status
+        )
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        try:
+            async with stream:
+                await self._serve_requests(connection, stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FetchAborted):
+            pass
+        except OSError as exc:
+            logger.debug("connection_failed", extra={"error": str(exc)})
+
+    async def _serve_requests(
+        self, connection: h11.Connection, stream: trio.SocketStream
+    ) -> None:
+        timeout = _HEAD_TIMEOUT
+        while True:
+            try:
+                event = await _next_event_within(connection, stream, timeout)
+            except h11.RemoteProtocolError as exc:
+                await _send_protocol_error(connection, stream, exc)
+                return
+            if not isinstance(event, h11.Request):
+                return
+            request = _to_request(event)
+            await _drain_body(connection, stream)
+            response = await self._respond(request)
+            await _send_response(connection, stream, request, response)
+            if connection.our_state is not h11.DONE:
+                return
+            if connection.their_state is not h11.DONE:
+                return
+            connection.start_next_cycle()
+            timeout = _IDLE_TIMEOUT
+
+    async def _respond(self, request: Request) -> Response:
+        try:
+            return await self._handler(request)
+        except RegistryError as exc:
+            return error_response(exc)
+        except Exception:
+            logger.exception(
+                "request_crashed",
+                extra={"method": request.method, "target": request.target},
+            )
+            return Response(500, [("Content-Type", "application/json")], b"{}")
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def error_response(exc: RegistryError) -> Response:
+    headers = [("Content-Type", "application/json"), *exc.headers]
+    return Response(exc.status, headers, exc.body())
+
+
+async def _next_event_within(
+    connection: h11.Connection, stream: trio.SocketStream, timeout: float
+) -> h11.Event | type[h11.PAUSED] | None:
+    with trio.move_on_after(timeout):
+        return await _next_event(connection, stream)
+    return None
+
+
+async def _next_event(
+    connection: h11.Connection, stream: trio.SocketStream
+) -> h11.Event | type[h11.PAUSED]:
+    while True:
+        event = connection.next_event()
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]
+        connection.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+
+
+def _to_request(event: h11.Request) -> Request:
+    headers = {
+        name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers
+    }
+    return Request(
+        event.method.decode("ascii"), event.target.decode("latin-1"), headers
+    )
+
+
+async def _drain_body(connection: h11.Connection, stream: trio.SocketStream) -> None:
+    # Pull requests carry no body; read and drop whatever a client sent so
+    # the connection stays in step, up to a limit.
+    received = 0
+    while connection.their_state is h11.SEND_BODY:
+        event = await _next_event(connection, stream)
+        if isinstance(event, h11.Data):
+            received += len(event.data)
+            if received > _MAX_REQUEST_BODY:
+                raise trio.BrokenResourceError("request body too large")
+        elif not isinstance(event, h11.EndOfMessage):
+            return
+
+
+async def _send_protocol_error(
+    connection: h11.Connection, stream: trio.SocketStream, exc: h11.RemoteProtocolError
+) -> None:
+    if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    body = b'{"errors":[{"code":"UNSUPPORTED","message":"malformed HTTP request"}]}'
+    head = h11.Response(
+        status_code=exc.error_status_hint,
+        reason=_reason(exc.error_status_hint),
+        headers=[
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ],
+    )
+    try:
+        await stream.send_all(connection.send(head) + connection.send(h11.Data(body)))
+    except h11.LocalProtocolError:
+        return
+
+
+async def _send_response(
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    request: Request,
+    response: Response,
+) -> None:
+    body = response.body
+    try:
+        headers = list(response.headers)
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers.append(("Content-Length", str(len(body))))
+        head = connection.send(
+            h11.Response(
+                status_code=response.status,
+                headers=headers,
+                reason=_reason(response.status),
+            )
+        )
+        if request.method == "HEAD" or not len(body):
+            await stream.send_all(head + connection.send(h11.EndOfMessage()))
+        elif isinstance(body, bytes):
+            data = connection.send(h11.Data(data=body))
+            await stream.send_all(head + data + connection.send(h11.EndOfMessage()))
+        else:
+            await stream.send_all(head)
+            # Passthrough lets h11 frame bytes it never sees: it only takes
+            # len() of the body, and sendfile moves them.
+            connection.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[arg-type]
+            await _send_file(stream, body)
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+    finally:
+        if isinstance(body, FileBody):
+            os.close(body.fd)
+
+
+async def _send_file(stream: trio.SocketStream, body: FileBody) -> None:
+    sock = stream.socket
+    position, end = body.offset, body.offset + body.length
+    while position < end:
+        limit = end
+        if body.fetch is not None:
+            limit = min(end, await body.fetch.wait_available(position))
+        position += await _sendfile(sock, body.fd, position, limit - position)
+
+
+async def _sendfile(
+    sock: trio.socket.SocketType, fd: int, offset: int, count: int
+) -> int:
+    """Send up to ``count`` bytes of ``fd`` from ``offset``; return how many."""
+    await trio.lowlevel.checkpoint()
+    while True:
+        try:
+            sent = os.sendfile(sock.fileno(), fd, offset, min(count, _SENDFILE_CHUNK))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == 0:
+            raise trio.BrokenResourceError("file ended before its declared length")
+        return sent

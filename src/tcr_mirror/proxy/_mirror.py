@@ -1,0 +1,394 @@
+"""The pull API of the node mirror: what each request is answered with.
+
+Digests are immutable, so a manifest or blob found by digest in the store
+is served from it forever. Tags move, so a tag is trusted for ``tag_ttl``
+seconds after it was last resolved upstream; after that it is revalidated
+(one upstream request however many clients ask at once), and when the
+upstream cannot be reached the last known digest is served
+(stale-if-error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from tcr_mirror.proxy._errors import (
+    BlobUnknown,
+    Denied,
+    ManifestInvalid,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
+from tcr_mirror.proxy._fetch import BlobFetcher
+from tcr_mirror.proxy._http import FileBody, Request, Response
+from tcr_mirror.proxy._oci import (
+    Digest,
+    Kind,
+    Route,
+    parse_digest,
+    parse_range,
+    parse_route,
+)
+from tcr_mirror.proxy._singleflight import SingleFlight
+from tcr_mirror.proxy._store import BlobStore, TagEntry
+from tcr_mirror.proxy._upstream import Upstream, status_error
+
+__all__ = ["MANIFEST_MEDIA_TYPES", "Mirror", "Upstreams"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+)
+_DEFAULT_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+# The image spec asks registries to accept manifests of at least 4 MiB.
+_MAX_MANIFEST = 4 << 20
+_MAX_PASSTHROUGH = 4 << 20
+_API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+class Upstreams:
+    """The allow-list: upstreams by the ``ns`` value that selects them."""
+
+    def __init__(self, upstreams: list[Upstream], default: Upstream | None) -> None:
+        self._by_key = {upstream.key: upstream for upstream in upstreams}
+        self.default = default
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._by_key.values())
+
+    def select(self, namespace: str | None) -> Upstream:
+        """Pick the upstream for a request.
+
+        Raises:
+            Denied: ``ns`` names a registry not on the allow-list, or there
+                is no ``ns`` and no default upstream.
+        """
+        if namespace is None:
+            if self.default is None:
+                raise Denied("no ns parameter and no default upstream configured")
+            return self.default
+        upstream = self._by_key.get(namespace)
+        if upstream is None:
+            raise Denied(f"registry {namespace!r} is not on this mirror's allow-list")
+        return upstream
+
+    async def aclose(self) -> None:
+        for upstream in self._by_key.values():
+            await upstream.aclose()
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+class Mirror:
+    """Answers pull requests from the store, the fetches and the upstreams.
+
+    Args:
+        store: The node's blob store.
+        fetcher: Shares blob fetches between requests.
+        upstreams: The allow-list.
+        tag_ttl: Seconds a resolved tag is served without asking upstream.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        fetcher: BlobFetcher,
+        upstreams: Upstreams,
+        *,
+        tag_ttl: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._fetcher = fetcher
+        self._upstreams = upstreams
+        self._tag_ttl = tag_ttl
+        self._manifest_flights: SingleFlight[_Manifest] = SingleFlight()
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request; raises :class:`RegistryError` for OCI errors."""
+        route = parse_route(request.method, request.target)
+        if route.kind is Kind.BASE:
+            return Response(200, [_API_VERSION, _JSON], b"{}")
+        upstream = self._upstreams.select(route.namespace)
+        if route.kind is Kind.MANIFEST:
+            return await self._manifest(route, upstream, request)
+        if route.kind is Kind.BLOB:
+            return await self._blob(route, upstream, request)
+        return await self._passthrough(route, upstream)
+
+    # -- manifests ----------------------------------------------------------
+
+    async def _manifest(
+        self, route: Route, upstream: Upstream, request: Request
+    ) -> Response:
+        accept = request.headers.get("accept", "")
+        if route.digest is not None:
+            manifest = await self._manifest_by_digest(route, upstream, accept)
+        else:
+            manifest = await self._manifest_by_tag(route, upstream, accept)
+        headers = [
+            ("Content-Type", manifest.media_type),
+            ("Docker-Content-Digest", str(manifest.digest)),
+            ("ETag", f'"{manifest.digest}"'),
+            _API_VERSION,
+        ]
+        return Response(200, headers, manifest.body)
+
+    async def _manifest_by_digest(
+        self, route: Route, upstream: Upstream, accept: str
+    ) -> _Manifest:
+        assert route.digest is not None
+        digest = route.digest
+        stored = self._store.get_manifest(digest)
+        if stored is not None:
+            return _Manifest(digest, *stored)
+
+        async def fetch() -> _Manifest:
+            manifest = await self._get_manifest(
+                upstream, route.name, str(digest), accept
+            )
+            if manifest.digest != digest:
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.key} sent a manifest that does not "
+                    f"match {digest}"
+                )
+            return manifest
+
+        key = (upstream.key, route.name, str(digest))
+        return await self._manifest_flights.do(key, fetch)
+
+    async def _manifest_by_tag(
+        self, route: Route, upstream: Upstream, accept: str
+    ) -> _Manifest:
+        tag = route.reference
+        entry = self._store.get_tag(upstream.key, route.name, tag)
+        cached = self._cached_tag(entry, accept)
+        assert entry is None or cached is None or entry.digest == str(cached.digest)
+        if (
+            cached is not None
+            and entry
+            and time.time() - entry.fetched_at < self._tag_ttl
+        ):
+            return cached
+
+        async def revalidate() -> _Manifest:
+            return await self._resolve_tag(upstream, route.name, tag, accept)
+
+        key = (upstream.key, route.name, tag, accept)
+        try:
+            return await self._manifest_flights.do(key, revalidate)
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            if cached is None:
+                raise
+            logger.warning(
+                "tag_served_stale",
+                extra={
+                    "upstream": upstream.key,
+                    "repository": route.name,
+                    "tag": tag,
+                    "reason": exc.message,
+                },
+            )
+            return cached
+
+    def _cached_tag(self, entry: TagEntry | None, accept: str) -> _Manifest | None:
+        if entry is None or not _accepts(accept, entry.media_type):
+            return None
+        digest = Digest(*entry.digest.split(":", 1))
+        stored = self._store.get_manifest(digest)
+        return None if stored is None else _Manifest(digest, *stored)
+
+    async def _resolve_tag(
+        self, upstream: Upstream, name: str, tag: str, accept: str
+    ) -> _Manifest:
+        # A HEAD tells the digest without the body (and registries that
+        # count pulls do not count it); the body is fetched only when the
+        # digest is new to this node.
+        digest, media_type = await self._head_manifest(upstream, name, tag, accept)
+        stored = self._store.get_manifest(digest) if digest else None
+        if digest is not None and stored is not None and stored[0] == media_type:
+            manifest = _Manifest(digest, *stored)
+        else:
+            manifest = await self._get_manifest(upstream, name, tag, accept)
+        entry = TagEntry(str(manifest.digest), manifest.media_type, time.time())
+        self._store.put_tag(upstream.key, name, tag, entry)
+        return manifest
+
+    async def _head_manifest(
+        self, upstream: Upstream, name: str, reference: str, accept: str
+    ) -> tuple[Digest | None, str]:
+        path = f"/v2/{name}/manifests/{reference}"
+        headers = {"Accept": accept or _DEFAULT_ACCEPT}
+        async with upstream.request(
+            "HEAD", path, repository=name, headers=headers
+        ) as r:
+            if r.status_code != 200:
+                raise status_error(r, f"manifest {name}:{reference}", upstream.key)
+            media_type = r.headers.get("content-type", "")
+            digest_text = r.headers.get("docker-content-digest", "")
+        try:
+            return parse_digest(digest_text), media_type
+        except RegistryError:
+            return None, media_type
+
+    async def _get_manifest(
+        self, upstream: Upstream, name: str, reference: str, accept: str
+    ) -> _Manifest:
+        path = f"/v2/{name}/manifests/{reference}"
+        headers = {"Accept": accept or _DEFAULT_ACCEPT}
+        async with upstream.request("GET", path, repository=name, headers=headers) as r:
+            if r.status_code != 200:
+                raise status_error(r, f"manifest {name}:{reference}", upstream.key)
+            body = await _read_limited(r, _MAX_MANIFEST, upstream.key)
+            media_type = r.headers.get("content-type", "")
+        if not media_type or "\n" in media_type:
+            raise ManifestInvalid(
+                f"upstream {upstream.key} sent no manifest media type"
+            )
+        digest = Digest("sha256", hashlib.sha256(body).hexdigest())
+        self._store.put_manifest(digest, media_type, body)
+        return _Manifest(digest, media_type, body)
+
+    # -- blobs ----------------------------------------------------------------
+
+    async def _blob(
+        self, route: Route, upstream: Upstream, request: Request
+    ) -> Response:
+        assert route.digest is not None
+        digest = route.digest
+        fetch = self._fetcher.in_flight(digest)
+        if fetch is None:
+            opened = self._store.open_blob(digest)
+            if opened is not None:
+                fd, size = opened
+                return _blob_response(request, digest, fd, size)
+            if request.method == "HEAD":
+                return await self._head_blob(route, upstream, digest)
+            fetch = self._fetcher.fetch(upstream, route.name, digest)
+
+        fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = await fetch.wait_size()
+        except BaseException:
+            os.close(fd)
+            raise
+        response = _blob_response(request, digest, fd, size)
+        if isinstance(response.body, FileBody):
+            response.body.fetch = fetch
+        return response
+
+    async def _head_blob(
+        self, route: Route, upstream: Upstream, digest: Digest
+    ) -> Response:
+        path = f"/v2/{route.name}/blobs/{digest}"
+        async with upstream.request("HEAD", path, repository=route.name) as r:
+            if r.status_code != 200:
+                raise status_error(
+                    r, f"blob {digest}", upstream.key, not_found=BlobUnknown
+                )
+            size = r.headers.get("content-length", "")
+        if not size.isdigit():
+            raise UpstreamUnavailable(f"upstream {upstream.key} sent no blob size")
+        return Response(200, [*_blob_headers(digest), ("Content-Length", size)])
+
+    # -- tags list and referrers ----------------------------------------------
+
+    async def _passthrough(self, route: Route, upstream: Upstream) -> Response:
+        if route.kind is Kind.TAGS:
+            path = f"/v2/{route.name}/tags/list"
+        else:
+            path = f"/v2/{route.name}/referrers/{route.digest}"
+        params = dict(route.query)
+        async with upstream.request(
+            "GET", path, repository=route.name, params=params
+        ) as r:
+            if r.status_code != 200:
+                raise status_error(r, path, upstream.key, not_found=NameUnknown)
+            body = await _read_limited(r, _MAX_PASSTHROUGH, upstream.key)
+            headers = [("Content-Type", r.headers.get("content-type", _JSON[1]))]
+            link = r.headers.get("link")
+        if link:
+            headers.append(("Link", _relative_link(link)))
+        return Response(200, headers, body)
+
+
+_JSON = ("Content-Type", "application/json")
+
+
+def _blob_headers(digest: Digest) -> list[tuple[str, str]]:
+    return [
+        ("Content-Type", "application/octet-stream"),
+        ("Docker-Content-Digest", str(digest)),
+        ("ETag", f'"{digest}"'),
+        ("Accept-Ranges", "bytes"),
+        _API_VERSION,
+    ]
+
+
+def _blob_response(request: Request, digest: Digest, fd: int, size: int) -> Response:
+    """A 200 or 206 for a blob of ``size`` bytes readable from ``fd``."""
+    try:
+        byte_range = parse_range(request.headers.get("range"), size)
+    except RegistryError:
+        os.close(fd)
+        raise
+    headers = _blob_headers(digest)
+    if byte_range is None:
+        return Response(200, headers, FileBody(fd, 0, size))
+    headers.append(("Content-Range", byte_range.content_range(size)))
+    return Response(206, headers, FileBody(fd, byte_range.first, byte_range.length))
+
+
+def _accepts(accept: str, media_type: str) -> bool:
+    if not accept:
+        return True
+    offered = {part.split(";")[0].strip() for part in accept.split(",")}
+    return media_type in offered or "*/*" in offered
+
+
+def _relative_link(link: str) -> str:
+    # An upstream may give an absolute URL; the client must come back to
+    # the mirror, so only the path and query are kept.
+    start, end = link.find("<"), link.find(">")
+    if start == -1 or end < start:
+        return link
+    target = httpx.URL(link[start + 1 : end])
+    relative = target.raw_path.decode("ascii")
+    return f"<{relative}>{link[end + 1 :]}"
+
+
+async def _read_limited(response: httpx.Response, limit: int, key: str) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamUnavailable(
+                    f"upstream {key} sent more than {limit} bytes"
+                )
+            chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(
+            f"upstream {key} broke off the response: {type(exc).__name__}"
+        ) from exc
+    return b"".join(chunks)

@@ -1,0 +1,58 @@
+"""Collapse concurrent calls for the same key into one."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+import outcome
+import trio
+
+__all__ = ["SingleFlight"]
+
+T = TypeVar("T")
+
+
+class _Call(Generic[T]):
+    def __init__(self) -> None:
+        self.finished = trio.Event()
+        self.result: outcome.Outcome[T] | None = None
+
+
+class SingleFlight(Generic[T]):
+    """While a call for a key runs, later callers for that key wait for it.
+
+    They all get its result, or its exception re-raised. The call runs in
+    the first caller's task: if that task is cancelled, the waiting callers
+    see :class:`trio.Cancelled` as its outcome's cause and each retries on
+    its own.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, _Call[T]] = {}
+
+    async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            call = self._calls.get(key)
+            if call is None:
+                return await self._lead(key, fn)
+            await call.finished.wait()
+            result = call.result
+            if result is not None and not _was_cancelled(result):
+                return result.unwrap()
+
+    async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        call: _Call[T] = _Call()
+        self._calls[key] = call
+        try:
+            call.result = await outcome.acapture(fn)
+        finally:
+            del self._calls[key]
+            call.finished.set()
+        return call.result.unwrap()
+
+
+def _was_cancelled(result: outcome.Outcome[object]) -> bool:
+    return isinstance(result, outcome.Error) and isinstance(
+        result.error, trio.Cancelled
+    )

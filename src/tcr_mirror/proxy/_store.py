@@ -1,0 +1,221 @@
+"""The node's blob store: blob files on disk, everything small in LMDB.
+
+Layout under the data directory::
+
+    blobs/sha256/<first two hex>/<hex>   verified blobs, served with sendfile
+    tmp/                                 fetches in flight (never served once
+                                         the process that wrote them is gone)
+    index/                               LMDB: blob sizes and last access,
+                                         manifests by digest, the tag cache
+
+A blob file appears under ``blobs/`` only by ``rename`` after its bytes were
+verified and fsynced, and its index entry is written after the rename. So a
+crash can leave a verified file without an index entry (re-indexed on
+start) or a temporary file (deleted on start), never an index entry for
+bytes that were not verified. The LMDB environment is opened without fsync:
+a killed process loses nothing (the pages are in the kernel), and what a
+power cut may lose is rebuilt by :meth:`BlobStore.recover` or fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from tcr_mirror.proxy._oci import Digest
+
+__all__ = ["BlobEntry", "BlobStore", "TagEntry"]
+
+# size, last access, time stored
+_BLOB_RECORD = struct.Struct("<Qdd")
+_MAP_SIZE = 1 << 32
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """What the index knows of a stored blob."""
+
+    size: int
+    last_access: float
+    stored_at: float
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    """A cached tag: the digest it pointed at when last asked upstream."""
+
+    digest: str
+    media_type: str
+    fetched_at: float
+
+
+class BlobStore:
+    """Blob files and the LMDB index, for one data directory.
+
+    Not thread-safe for writers: the daemon uses it from its one trio
+    thread, and hands only file descriptors to worker threads.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        for directory in (self.root / "blobs", self.tmp_dir, self.root / "index"):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(self.root / "index"),
+            map_size=_MAP_SIZE,
+            max_dbs=4,
+            sync=False,
+            metasync=False,
+        )
+        self._blobs = self._env.open_db(b"blobs")
+        self._manifests = self._env.open_db(b"manifests")
+        self._tags = self._env.open_db(b"tags")
+        self._temp_serial = 0
+
+    def close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+
+    # -- blobs ------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def blob_entry(self, digest: Digest) -> BlobEntry | None:
+        with self._env.begin(db=self._blobs) as txn:
+            raw = txn.get(str(digest).encode())
+        return None if raw is None else BlobEntry(*_BLOB_RECORD.unpack(raw))
+
+    def open_blob(self, digest: Digest) -> tuple[int, int] | None:
+        """Open a stored blob for reading and mark it used.
+
+        Returns:
+            ``(fd, size)``, the caller closing the descriptor; or None when
+            the blob is not stored (or its file vanished, which drops the
+            stale index entry).
+        """
+        entry = self.blob_entry(digest)
+        if entry is None:
+            return None
+        try:
+            fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget_blob(digest)
+            return None
+        self._put_blob(digest, BlobEntry(entry.size, time.time(), entry.stored_at))
+        return fd, entry.size
+
+    def new_temp_path(self, digest: Digest) -> Path:
+        self._temp_serial += 1
+        return self.tmp_dir / f"{digest.hex}.{os.getpid()}.{self._temp_serial}"
+
+    def commit_blob(self, digest: Digest, temp_path: Path, size: int) -> Path:
+        """Move a verified, fsynced temporary file into the store and index it.
+
+        Returns:
+            The blob's final path.
+        """
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(temp_path, final)
+        now = time.time()
+        self._put_blob(digest, BlobEntry(size, now, now))
+        return final
+
+    def blobs(self) -> Iterator[tuple[str, BlobEntry]]:
+        with self._env.begin(db=self._blobs) as txn:
+            for key, raw in txn.cursor():
+                yield bytes(key).decode(), BlobEntry(*_BLOB_RECORD.unpack(raw))
+
+    def _put_blob(self, digest: Digest, entry: BlobEntry) -> None:
+        record = _BLOB_RECORD.pack(entry.size, entry.last_access, entry.stored_at)
+        with self._env.begin(db=self._blobs, write=True) as txn:
+            txn.put(str(digest).encode(), record)
+
+    def _forget_blob(self, digest: Digest) -> None:
+        with self._env.begin(db=self._blobs, write=True) as txn:
+            txn.delete(str(digest).encode())
+
+    # -- manifests and tags ---------------------------------------------------
+
+    def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """Return ``(media_type, bytes)`` of a stored manifest, or None."""
+        with self._env.begin(db=self._manifests) as txn:
+            raw = txn.get(str(digest).encode())
+        if raw is None:
+            return None
+        media_type, _, body = bytes(raw).partition(b"\n")
+        return media_type.decode(), body
+
+    def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        # Media types cannot hold a newline (RFC 6838), so it can separate.
+        record = media_type.encode() + b"\n" + body
+        with self._env.begin(db=self._manifests, write=True) as txn:
+            txn.put(str(digest).encode(), record)
+
+    def get_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+        with self._env.begin(db=self._tags) as txn:
+            raw = txn.get(_tag_key(upstream, name, tag))
+        return None if raw is None else TagEntry(**json.loads(bytes(raw)))
+
+    def put_tag(self, upstream: str, name: str, tag: str, entry: TagEntry) -> None:
+        record = json.dumps(entry.__dict__).encode()
+        with self._env.begin(db=self._tags, write=True) as txn:
+            txn.put(_tag_key(upstream, name, tag), record)
+
+    def delete_tag(self, upstream: str, name: str, tag: str) -> None:
+        with self._env.begin(db=self._tags, write=True) as txn:
+            txn.delete(_tag_key(upstream, name, tag))
+
+    # -- recovery -------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Make the index and the files agree after an unclean stop.
+
+        Deletes every temporary file (no fetch survives its process), drops
+        index entries whose file is gone or has the wrong size, and indexes
+        blob files that were renamed into place but not yet indexed (only
+        verified bytes are ever renamed there).
+
+        Returns:
+            Counts of what was done, for the start-up log line.
+        """
+        counts = {"temp_removed": 0, "entries_dropped": 0, "files_indexed": 0}
+        for temp in self.tmp_dir.iterdir():
+            temp.unlink(missing_ok=True)
+            counts["temp_removed"] += 1
+
+        indexed: set[str] = set()
+        for key, entry in list(self.blobs()):
+            digest = Digest(*key.split(":", 1))
+            try:
+                size = self.blob_path(digest).stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != entry.size:
+                self._forget_blob(digest)
+                self.blob_path(digest).unlink(missing_ok=True)
+                counts["entries_dropped"] += 1
+            else:
+                indexed.add(key)
+
+        for path in (self.root / "blobs").glob("*/*/*"):
+            key = f"{path.parent.parent.name}:{path.name}"
+            if key not in indexed:
+                digest = Digest(path.parent.parent.name, path.name)
+                now = time.time()
+                self._put_blob(digest, BlobEntry(path.stat().st_size, now, now))
+                counts["files_indexed"] += 1
+        return counts
+
+
+def _tag_key(upstream: str, name: str, tag: str) -> bytes:
+    return f"{upstream}\0{name}\0{tag}".encode()

@@ -1,0 +1,319 @@
+"""The client side: one :class:`Upstream` per registry on the allow-list.
+
+It speaks the pull API to a real registry with whatever the registry asks
+for: nothing, Basic credentials, or the Docker token flow (tokens cached per
+scope). Redirects to blob storage are followed by hand so that the
+``Authorization`` header never travels to another host. A ``429`` is
+respected: a short ``Retry-After`` is waited out once, a longer one blocks
+the upstream until then and is passed on to the client, so a throttled
+registry is not hammered by every node's retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from tcr_mirror.proxy._auth import (
+    Challenge,
+    Credentials,
+    TokenCache,
+    basic_authorization,
+    parse_challenge,
+    parse_retry_after,
+    parse_token_response,
+)
+from tcr_mirror.proxy._errors import (
+    Denied,
+    ManifestUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+
+__all__ = [
+    "CredentialSource",
+    "StaticCredentials",
+    "Upstream",
+    "UpstreamTimeouts",
+    "status_error",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_REDIRECTS = 5
+# A Retry-After this short is waited out inside the request; a longer one is
+# answered to the client at once.
+_MAX_INLINE_RETRY_WAIT = 2.0
+
+
+class CredentialSource(Protocol):
+    """Where an upstream's credentials come from.
+
+    Static credentials, or the control plane's token service, which renews
+    them while the daemon runs.
+    """
+
+    async def credentials(self) -> Credentials | None:
+        """Return the current credentials, or None to stay anonymous."""
+        ...
+
+
+class StaticCredentials:
+    """Credentials fixed at start-up (config file or credentials file)."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def credentials(self) -> Credentials | None:
+        return self._credentials
+
+
+class UpstreamTimeouts:
+    """Connect and read timeouts, in seconds."""
+
+    def __init__(self, connect: float = 5.0, read: float = 30.0) -> None:
+        self.connect = connect
+        self.read = read
+
+    def as_httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(self.read, connect=self.connect, pool=self.connect)
+
+
+class Upstream:
+    """A registry the mirror may pull from.
+
+    Args:
+        key: The name clients select it by (containerd's ``ns``).
+        base_url: ``scheme://host[:port]`` of the registry.
+        credentials: Where credentials come from; None for anonymous.
+        timeouts: Connect and read timeouts.
+        user_agent: Sent with every request.
+        http2: Offer HTTP/2 on TLS connections.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        base_url: str,
+        *,
+        credentials: CredentialSource | None = None,
+        timeouts: UpstreamTimeouts | None = None,
+        user_agent: str = "tcr-mirror",
+        http2: bool = True,
+    ) -> None:
+        self.key = key
+        self.base_url = base_url.rstrip("/")
+        self._credentials = credentials
+        self._client = httpx.AsyncClient(
+            timeout=(timeouts or UpstreamTimeouts()).as_httpx(),
+            follow_redirects=False,
+            http2=http2,
+            headers={"User-Agent": user_agent},
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+        self._tokens = TokenCache()
+        self._challenge: Challenge | None = None
+        self._blocked_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"Upstream(key={self.key!r}, base_url={self.base_url!r})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """Send a pull request upstream and yield the streaming response.
+
+        Authentication, redirects and short ``429`` waits happen inside;
+        the response yielded is the final one, whatever its status.
+
+        Raises:
+            UpstreamUnavailable: The upstream could not be reached, timed
+                out, or its token endpoint failed.
+            TooManyRequests: The upstream asked to be left alone for a
+                while.
+        """
+        response = await self._send(method, path, repository, headers, params)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        self._check_not_blocked()
+        scope = f"repository:{repository}:pull"
+        answered_challenge = False
+        waited = False
+        while True:
+            request_headers = dict(headers or {})
+            authorization = await self._authorization(scope)
+            if authorization:
+                request_headers["Authorization"] = authorization
+            url = self.base_url + path
+            response = await self._follow(method, url, request_headers, params)
+
+            if response.status_code == 401 and not answered_challenge:
+                challenge = parse_challenge(
+                    response.headers.get("www-authenticate", "")
+                )
+                if challenge is not None and challenge.scheme in ("basic", "bearer"):
+                    await response.aclose()
+                    self._challenge = challenge
+                    answered_challenge = True
+                    continue
+            if response.status_code == 429:
+                delay = parse_retry_after(
+                    response.headers.get("retry-after"), trio.current_time()
+                )
+                if delay <= _MAX_INLINE_RETRY_WAIT and not waited:
+                    await response.aclose()
+                    await trio.sleep(delay)
+                    waited = True
+                    continue
+                self._blocked_until = trio.current_time() + delay
+            return response
+
+    def _check_not_blocked(self) -> None:
+        remaining = self._blocked_until - trio.current_time()
+        if remaining > 0:
+            raise TooManyRequests(
+                f"upstream {self.key} asked to retry later",
+                retry_after=math.ceil(remaining),
+            )
+
+    async def _follow(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        origin = urlsplit(url).netloc
+        for _ in range(_MAX_REDIRECTS + 1):
+            request = self._client.build_request(
+                method, url, headers=headers, params=params
+            )
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {self.key} unreachable: {type(exc).__name__}"
+                ) from exc
+            location = response.headers.get("location")
+            if response.status_code not in (301, 302, 303, 307, 308) or not location:
+                return response
+            await response.aclose()
+            url = urljoin(str(response.url), location)
+            params = None
+            if urlsplit(url).netloc != origin:
+                # Blob storage has its own signed URL; our credentials are
+                # for the registry alone.
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+        raise UpstreamUnavailable(f"upstream {self.key} redirected too many times")
+
+    async def _authorization(self, scope: str) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        credentials = await self._current_credentials()
+        if challenge.scheme == "basic":
+            return basic_authorization(credentials) if credentials else None
+        token = await self._bearer_token(challenge, scope, credentials)
+        return f"Bearer {token}" if token else None
+
+    async def _current_credentials(self) -> Credentials | None:
+        if self._credentials is None:
+            return None
+        return await self._credentials.credentials()
+
+    async def _bearer_token(
+        self, challenge: Challenge, scope: str, credentials: Credentials | None
+    ) -> str | None:
+        service = challenge.params.get("service", "")
+        key = (challenge.realm, service, scope)
+        token = self._tokens.get(key, trio.current_time())
+        if token is not None:
+            return token
+
+        params = {"scope": scope}
+        if service:
+            params["service"] = service
+        headers = (
+            {"Authorization": basic_authorization(credentials)} if credentials else {}
+        )
+        try:
+            response = await self._client.get(
+                challenge.realm, params=params, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            reason = type(exc).__name__
+            raise UpstreamUnavailable(
+                f"token endpoint of upstream {self.key} unreachable: {reason}"
+            ) from exc
+        if response.status_code != 200:
+            # The registry will answer the unauthenticated request with its
+            # own 401 or 403, which the caller maps for the client.
+            logger.info(
+                "upstream_token_refused",
+                extra={"upstream": self.key, "status": response.status_code},
+            )
+            return None
+        try:
+            token, renew_at = parse_token_response(
+                response.content, trio.current_time()
+            )
+        except ValueError as exc:
+            raise UpstreamUnavailable(
+                f"token endpoint of upstream {self.key}: {exc}"
+            ) from exc
+        self._tokens.put(key, token, renew_at)
+        return token
+
+
+def status_error(
+    response: httpx.Response,
+    what: str,
+    key: str,
+    *,
+    not_found: type[RegistryError] = ManifestUnknown,
+) -> RegistryError:
+    """Map an upstream's refusal to the error answered to the client."""
+    status = response.status_code
+    if status == 404:
+        return not_found(f"{what} unknown to upstream {key}")
+    if status == 401:
+        return Unauthorized(f"upstream {key} refused the credentials for {what}")
+    if status == 403:
+        return Denied(f"upstream {key} denied access to {what}")
+    if status == 429:
+        retry_after = response.headers.get("retry-after", "1")
+        seconds = int(retry_after) if retry_after.isdigit() else 1
+        return TooManyRequests(f"upstream {key} is rate limiting", retry_after=seconds)
+    return UpstreamUnavailable(f"upstream {key} answered {status} for {what}")

@@ -1,0 +1,107 @@
+"""``tcr-mirror node``: run the node mirror in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tcr_mirror._logging import configure_logging
+from tcr_mirror.cli import CliError
+from tcr_mirror.proxy._config import (
+    ConfigError,
+    NodeConfig,
+    parse_host_port,
+    parse_upstream_flag,
+    read_credentials_file,
+)
+from tcr_mirror.proxy._daemon import serve_until_signal
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "node",
+        help="run the node mirror (pull-through cache) in the foreground",
+        description="Serve the OCI distribution pull API as a caching mirror "
+        "of the configured upstream registries, until SIGTERM or SIGINT.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to serve (127.0.0.1:5000)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="blob store directory (/var/lib/tcr-mirror)"
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        metavar="[NS=]URL",
+        help="an upstream registry on the allow-list; NS is the ns value "
+        "containerd sends for it (default: the URL's host[:port]); the one "
+        "given without NS= serves requests without ns. Repeatable; replaces "
+        "the config file's upstreams",
+    )
+    parser.add_argument(
+        "--credentials-file",
+        action="append",
+        metavar="[NS=]FILE",
+        help="file whose first line is username:password for the upstream NS "
+        "(the default upstream without NS=). Repeatable",
+    )
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics, health")
+    parser.add_argument(
+        "--tag-ttl", type=float, metavar="SECONDS", help="trust a tag this long (5)"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = _config_from_args(args)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    configure_logging(config.log_level)
+    trio.run(serve_until_signal, config)
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> NodeConfig:
+    config = NodeConfig.from_toml(args.config) if args.config else NodeConfig()
+    changes: dict[str, Any] = {}
+    if args.listen:
+        changes["listen"] = parse_host_port(args.listen)
+    if args.metrics_listen:
+        changes["metrics_listen"] = parse_host_port(args.metrics_listen)
+    if args.data_dir:
+        changes["data_dir"] = args.data_dir
+    if args.tag_ttl is not None:
+        changes["tag_ttl"] = args.tag_ttl
+    if args.log_level:
+        changes["log_level"] = args.log_level
+    if args.upstream:
+        changes["upstreams"] = tuple(parse_upstream_flag(u) for u in args.upstream)
+    config = replace(config, **changes)
+
+    for item in args.credentials_file or ():
+        config = _attach_credentials(config, item)
+    if not config.upstreams:
+        raise ConfigError("no upstream: give --upstream URL or upstreams in --config")
+    return config.validated()
+
+
+def _attach_credentials(config: NodeConfig, item: str) -> NodeConfig:
+    namespace, sep, path = item.rpartition("=")
+    credentials = read_credentials_file(Path(path))
+    upstreams = list(config.upstreams)
+    for index, up in enumerate(upstreams):
+        if (sep and up.namespace == namespace) or (not sep and up.default):
+            upstreams[index] = replace(up, credentials=credentials)
+            return replace(config, upstreams=tuple(upstreams))
+    which = f"namespace {namespace!r}" if sep else "default upstream"
+    raise ConfigError(f"--credentials-file names no configured {which}")
