@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 from tcr_mirror.proxy._errors import (
     DigestInvalid,
     NameInvalid,
+    NameUnknown,
     PaginationNumberInvalid,
     RangeInvalid,
     TagInvalid,
@@ -135,9 +136,9 @@ def parse_route(method: str, target: str) -> Route:
     """Parse a request line's method and target into a :class:`Route`.
 
     Raises:
-        RegistryError: The request is not a valid pull request: a write or
-            a path outside the pull API (``UNSUPPORTED``), or a bad name,
-            tag, digest or query parameter.
+        RegistryError: The request is not a valid pull request: a write
+            (``UNSUPPORTED``), a path outside the pull API (``NAME_UNKNOWN``),
+            or a bad name, tag, digest or query parameter.
     """
     if method not in ("GET", "HEAD"):
         raise Unsupported(f"{method} is not supported: this mirror is read-only")
@@ -150,7 +151,7 @@ def parse_route(method: str, target: str) -> Route:
     if path in ("/v2", "/v2/"):
         return Route(Kind.BASE, namespace=namespace)
     if not path.startswith("/v2/"):
-        raise Unsupported(f"not an OCI distribution API path: {_clip(path)}")
+        raise NameUnknown(f"not an OCI distribution API path: {_clip(path)}")
     if "%" in path:
         # No valid name, tag or digest contains a percent sign, so an encoded
         # character can only be an attempt to smuggle a '/' or '..' through.
@@ -170,7 +171,7 @@ def _parse_repository_path(
     elif len(parts) >= 3 and "blobs" in parts and "uploads" in parts:
         raise Unsupported("blob uploads are not supported: this mirror is read-only")
     else:
-        raise Unsupported(f"not an OCI distribution API path: /v2/{_clip(rest)}")
+        raise NameUnknown(f"not an OCI distribution API path: /v2/{_clip(rest)}")
     _check_name(name)
 
     if api == "manifests":
