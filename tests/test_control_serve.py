@@ -1,0 +1,247 @@
+"""control serve: renewal schedule (virtual time) and the credentials endpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+import trio
+
+from tcr_mirror.control import TcrError
+from tcr_mirror.control._serve import (
+    ControlMetrics,
+    Credential,
+    CredentialsServer,
+    RenewalSchedule,
+    TokenKeeper,
+    run,
+)
+
+HOST = "demo.tencentcloudcr.com"
+SECRET = "node-secret-QUUX"
+
+
+# --- schedule (sans-IO) --------------------------------------------------
+
+
+def test_schedule_is_due_at_once() -> None:
+    assert RenewalSchedule().delay(12345.0) == 0.0
+
+
+def test_schedule_renews_at_two_thirds_of_life() -> None:
+    schedule = RenewalSchedule()
+
+    assert schedule.issued(100.0, 3600.0) == pytest.approx(2500.0)
+    assert schedule.expires_at == 3700.0
+    assert schedule.delay(1000.0) == pytest.approx(1500.0)
+
+
+def test_schedule_backs_off_and_resets_after_success() -> None:
+    schedule = RenewalSchedule(backoff_base=1.0, backoff_cap=8.0)
+
+    delays = [schedule.failed(0.0) for _ in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+    schedule.issued(10.0, 60.0)
+    assert schedule.failures == 0
+    assert schedule.failed(20.0) == 21.0
+
+
+def test_schedule_jitter_only_shortens() -> None:
+    schedule = RenewalSchedule(backoff_base=10.0, jitter=0.5, rng=random.Random(7))
+
+    for _ in range(20):
+        schedule.failures = 0
+        assert 5.0 <= schedule.failed(0.0) <= 10.0
+
+
+def test_schedule_retries_soon_when_token_arrives_expired() -> None:
+    schedule = RenewalSchedule(backoff_base=3.0)
+
+    assert schedule.issued(50.0, -5.0) == 53.0
+
+
+def test_schedule_rejects_bad_fraction() -> None:
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RenewalSchedule(renew_fraction=1.5)
+
+
+# --- keeper (virtual time) -----------------------------------------------
+
+
+class ScriptedIssuer:
+    """Issues one-hour tokens; fails the calls whose numbers are in ``fail``."""
+
+    def __init__(self, fail: set[int] = frozenset(), lifetime: float = 3600.0):
+        self.fail = fail
+        self.lifetime = lifetime
+        self.calls: list[float] = []
+
+    async def __call__(self, host: str) -> Credential:
+        number = len(self.calls)
+        self.calls.append(trio.current_time())
+        await trio.sleep(0.5)  # TCR takes a moment to answer
+        if number in self.fail:
+            raise TcrError("InternalError", "try again", request_id=f"r{number}")
+        expires = time.time() + self.lifetime
+        return Credential(host, "100012345678", f"token-{number}", expires)
+
+
+async def test_keeper_renews_before_expiry_and_retries_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    issuer = ScriptedIssuer(fail={0, 1})
+    keeper = TokenKeeper([HOST], issuer)
+    start = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(5000)
+        nursery.cancel_scope.cancel()
+
+    offsets = [t - start for t in issuer.calls]
+    # Each answer takes 0.5 s. Fail at 0 (retry 1 s after the answer),
+    # fail at 1.5 (retry 2 s after), succeed at 4.0; the token arrives at
+    # 4.5 with an hour to live, so renew at 4.5 + 2400, then likewise.
+    assert offsets == pytest.approx([0.0, 1.5, 4.0, 2404.5, 4805.0], abs=0.05)
+    credential = keeper.get(HOST)
+    assert credential is not None
+    assert credential.password == "token-4"
+    assert keeper.schedules[HOST].failures == 0
+
+
+async def test_keeper_keeps_old_token_while_renewal_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    issuer = ScriptedIssuer(fail=set(range(1, 100)))
+    metrics = ControlMetrics()
+    keeper = TokenKeeper([HOST], issuer, metrics=metrics)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(3000)
+        nursery.cancel_scope.cancel()
+
+    credential = keeper.get(HOST)
+    assert credential is not None
+    assert credential.password == "token-0"
+    # Backoff capped at 60 s: about ten tries in the 600 s after 2400 s.
+    assert 8 <= len(issuer.calls) - 1 <= 15
+    text = metrics.render().decode()
+    assert "tcr_mirror_control_token_expiry_timestamp_seconds" in text
+
+
+# --- HTTP endpoint (in process, real sockets) ----------------------------
+
+
+async def start_server(
+    nursery: trio.Nursery, keeper: TokenKeeper, **options: object
+) -> str:
+    addresses: dict[str, str] = {}
+    await nursery.start(_run_until_ready, keeper, addresses, options)
+    return f"http://{addresses['listen']}"
+
+
+async def _run_until_ready(
+    keeper: TokenKeeper,
+    addresses: dict[str, str],
+    options: dict[str, object],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    def ready(bound: dict[str, str]) -> None:
+        addresses.update(bound)
+        task_status.started()
+
+    await run(keeper, SECRET, ("127.0.0.1", 0), on_ready=ready, **options)  # type: ignore[arg-type]
+
+
+async def test_endpoint_answers_per_contract() -> None:
+    gate = trio.Event()
+    issuer = ScriptedIssuer()
+
+    async def gated(host: str) -> Credential:
+        await gate.wait()
+        return await issuer(host)
+
+    keeper = TokenKeeper([HOST], gated)
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    async with trio.open_nursery() as nursery:
+        base = await start_server(nursery, keeper)
+        async with httpx.AsyncClient(base_url=base) as http:
+            url = f"/v1/credentials?registry={HOST}"
+            early = await http.get(url, headers=auth)
+            assert (early.status_code, early.json()) == (503, {"error": "no token yet"})
+
+            gate.set()
+            for _ in range(100):
+                if keeper.get(HOST) is not None:
+                    break
+                await trio.sleep(0.05)
+
+            good = await http.get(url, headers=auth)
+            assert good.status_code == 200
+            body = good.json()
+            assert set(body) == {"registry", "username", "password", "expires_at"}
+            assert (body["registry"], body["password"]) == (HOST, "token-0")
+            assert isinstance(body["expires_at"], float)
+
+            bad = await http.get(url, headers={"Authorization": "Bearer nope"})
+            assert (bad.status_code, bad.json()) == (401, {"error": "unauthorized"})
+            missing = await http.get(url)
+            assert missing.status_code == 401
+            unknown = await http.get("/v1/credentials?registry=x.io", headers=auth)
+            assert (unknown.status_code, unknown.json()) == (
+                404,
+                {"error": "unknown registry"},
+            )
+            assert (await http.get("/healthz")).status_code == 200
+            metrics = await http.get("/metrics")
+            assert "tcr_mirror_control_token_last_renewal" in metrics.text
+            assert "token-0" not in metrics.text
+        nursery.cancel_scope.cancel()
+
+
+async def test_metrics_on_their_own_port() -> None:
+    keeper = TokenKeeper([HOST], ScriptedIssuer())
+    addresses: dict[str, str] = {}
+
+    async with trio.open_nursery() as nursery:
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            def ready(bound: dict[str, str]) -> None:
+                addresses.update(bound)
+                task_status.started()
+
+            await run(
+                keeper,
+                SECRET,
+                ("127.0.0.1", 0),
+                metrics_listen=("127.0.0.1", 0),
+                on_ready=ready,
+            )
+
+        await nursery.start(serve)
+        async with httpx.AsyncClient() as http:
+            main = f"http://{addresses['listen']}"
+            side = f"http://{addresses['metrics']}"
+            assert (await http.get(f"{main}/metrics")).status_code == 404
+            assert (await http.get(f"{side}/metrics")).status_code == 200
+            auth = {"Authorization": f"Bearer {SECRET}"}
+            cred = await http.get(
+                f"{side}/v1/credentials?registry={HOST}", headers=auth
+            )
+            assert cred.status_code == 404
+        nursery.cancel_scope.cancel()
+
+
+def test_respond_is_sans_io() -> None:
+    keeper = TokenKeeper([HOST], ScriptedIssuer())
+    server = CredentialsServer(keeper, SECRET)
+
+    status, _, body = server.respond("POST", "/v1/credentials", b"Bearer x")
+    assert (status, body) == (405, b'{"error": "method not allowed"}')
+    assert server.respond("GET", "/nope", None)[0] == 404
+    with pytest.raises(ValueError, match="empty"):
+        CredentialsServer(keeper, "")
