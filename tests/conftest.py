@@ -1,0 +1,85 @@
+"""Shared fixtures: real registries, a token server and a real containerd.
+
+pytest puts this directory on ``sys.path`` (rootdir conftest, no
+``__init__.py``), so tests import the harness as ``from support.registry
+import Registry``. Every process a fixture starts is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.containerd import Containerd, unavailable_reason
+from support.registry import REGISTRY_BINARY, Registry
+from support.tokenserver import TokenServer
+
+TEST_USER = "alice"
+
+
+@pytest.fixture
+def registry_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Registry]]:
+    """Starts registries on demand: ``registry_factory(**Registry kwargs)``.
+
+    Use it for several upstreams in one test, or for proxy mode:
+    ``registry_factory(proxy_remote=upstream.url)``.
+    """
+    if not Path(REGISTRY_BINARY).exists():
+        pytest.skip(f"{REGISTRY_BINARY} is not installed")
+    started: list[Registry] = []
+
+    def start(**kwargs: Any) -> Registry:
+        registry = Registry(tmp_path_factory.mktemp("registry"), **kwargs)
+        started.append(registry)
+        registry.start()
+        return registry
+
+    yield start
+    for registry in started:
+        registry.stop()
+
+
+@pytest.fixture
+def registry(registry_factory: Callable[..., Registry]) -> Registry:
+    """A plain (no auth) docker-registry on 127.0.0.1."""
+    return registry_factory()
+
+
+@pytest.fixture
+def basic_auth_registry(registry_factory: Callable[..., Registry]) -> Registry:
+    """A docker-registry behind basic auth; ``.credentials`` may push and pull.
+
+    The password is random per test, so a test can search logs for it.
+    """
+    return registry_factory(htpasswd=(TEST_USER, secrets.token_urlsafe(16)))
+
+
+@pytest.fixture
+def token_server() -> Iterator[TokenServer]:
+    """A started token server knowing ``alice`` with a random password."""
+    with TokenServer({TEST_USER: secrets.token_urlsafe(16)}) as server:
+        yield server
+
+
+@pytest.fixture
+def token_auth_registry(
+    registry_factory: Callable[..., Registry], token_server: TokenServer
+) -> Registry:
+    """A docker-registry trusting ``token_server``; ``.credentials`` is alice's."""
+    return registry_factory(token_server=token_server)
+
+
+@pytest.fixture
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """A private containerd daemon (skipped when not root or not installed)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
+        yield daemon
