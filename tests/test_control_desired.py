@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,117 @@ def test_desired_module_is_sans_io() -> None:
             imported.add(node.module.split(".")[0])
     assert "tomllib" in imported
     assert not imported & {"trio", "socket", "httpx"}
+
+
+# --- plan/apply against the simulator ------------------------------------
+
+
+def sim_desired(rid: str, dest: str, secret_file: Path) -> DesiredState:
+    return parse_desired(
+        tomllib.loads(f"""
+[[instance]]
+registry_id = "{rid}"
+region = "ap-guangzhou"
+
+[[instance.token]]
+description = "ci-pull"
+secret_file = "{secret_file}"
+
+[[instance.token]]
+description = "parked"
+enabled = false
+
+[instance.endpoint]
+enabled = true
+cidrs = ["10.0.0.0/8", "192.0.2.1"]
+
+[[instance.vpc]]
+vpc_id = "vpc-74ffq7ov"
+subnet_id = "subnet-kpmi5ji6"
+
+[[instance.replication]]
+name = "to-bj"
+destination_registry_id = "{dest}"
+destination_region = "ap-beijing"
+filters = [{{ type = "name", value = "team/**" }}]
+""")
+    )
+
+
+async def test_apply_then_apply_again_finds_nothing(tmp_path: Path) -> None:
+    from support.control_sim import sim_in_process
+    from tcr_mirror.control._audit import AuditLog, audit_hook, read_events
+    from tcr_mirror.control._reconcile import apply, plan
+
+    log_path = tmp_path / "audit.jsonl"
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("source-one")
+        dest = sim.simulator.add_instance("dest-one")
+        desired = sim_desired(rid, dest, tmp_path / "ci.json")
+        with AuditLog(log_path) as log:
+            async with sim.client(on_call=audit_hook(log)) as client:
+                first = await apply(client, desired, poll_interval=0.05)
+                assert first.ok, first.as_json()
+                assert len(first.done) == 7
+
+                rules = rules_from_audit(read_events(log_path))
+                again = await plan(client, desired, applied_rules=rules)
+                assert again == []
+                second = await apply(
+                    client, desired, applied_rules=rules, poll_interval=0.05
+                )
+                assert second.nothing_to_do
+
+                tokens = await client.call("DescribeInstanceToken", {"RegistryId": rid})
+                states = {t["Desc"]: t["Enabled"] for t in tokens.data["Tokens"]}
+                assert states == {"ci-pull": True, "parked": False}
+
+    saved = json.loads((tmp_path / "ci.json").read_text())
+    assert saved["password"].count(".") == 2
+    assert oct((tmp_path / "ci.json").stat().st_mode & 0o777) == "0o600"
+    assert saved["password"] not in log_path.read_text()
+
+
+async def test_failure_half_way_reports_done_failed_and_not_attempted(
+    tmp_path: Path,
+) -> None:
+    from support.control_sim import sim_in_process
+    from tcr_mirror.control._reconcile import apply
+
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("source-two")
+        dest = sim.simulator.add_instance("dest-two")
+        desired = sim_desired(rid, dest, tmp_path / "ci.json")
+        sim.simulator.state.inject(
+            "CreateSecurityPolicy", "OperationDenied", "policy store is read-only"
+        )
+        async with sim.client() as client:
+            report = await apply(client, desired, poll_interval=0.05)
+
+            assert not report.ok
+            assert [c.resource for c in report.done] == ["token", "token", "endpoint"]
+            assert report.failed is not None
+            assert (report.failed.resource, report.failed.name) == (
+                "policy",
+                "10.0.0.0/8",
+            )
+            assert report.error is not None
+            assert report.error.code == "OperationDenied"
+            assert report.error.request_id
+            assert [c.resource for c in report.not_attempted] == [
+                "policy",
+                "vpc",
+                "replication",
+            ]
+            body = report.as_json()
+            assert body["failed"]["code"] == "OperationDenied"
+
+            # A rerun plans afresh and finishes the job.
+            rerun = await apply(client, desired, poll_interval=0.05)
+            assert rerun.ok
+            assert [c.resource for c in rerun.done] == [
+                "policy",
+                "policy",
+                "vpc",
+                "replication",
+            ]
