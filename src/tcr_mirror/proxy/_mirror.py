@@ -237,7 +237,7 @@ class Mirror:
         self, upstream: Upstream, name: str, reference: str, accept: str
     ) -> tuple[Digest | None, str]:
         path = f"/v2/{name}/manifests/{reference}"
-        headers = {"Accept": accept or _DEFAULT_ACCEPT}
+        headers = {"Accept": _upstream_accept(accept)}
         async with upstream.request(
             "HEAD", path, repository=name, headers=headers
         ) as r:
@@ -254,7 +254,7 @@ class Mirror:
         self, upstream: Upstream, name: str, reference: str, accept: str
     ) -> _Manifest:
         path = f"/v2/{name}/manifests/{reference}"
-        headers = {"Accept": accept or _DEFAULT_ACCEPT}
+        headers = {"Accept": _upstream_accept(accept)}
         async with upstream.request("GET", path, repository=name, headers=headers) as r:
             if r.status_code != 200:
                 raise status_error(r, f"manifest {name}:{reference}", upstream.key)
@@ -358,11 +358,30 @@ def _blob_response(request: Request, digest: Digest, fd: int, size: int) -> Resp
     return Response(206, headers, FileBody(fd, byte_range.first, byte_range.length))
 
 
+def _upstream_accept(accept: str) -> str:
+    """The Accept to send upstream for a client's Accept.
+
+    A client that names manifest types gets exactly those (a registry may
+    answer differently, e.g. a single image for a client that cannot read
+    indexes). One that names none (``*/*`` or nothing) is taken to accept
+    every manifest type, as registries would otherwise fall back to the
+    obsolete schema 1 or refuse.
+    """
+    offered = _media_types(accept)
+    if offered & set(MANIFEST_MEDIA_TYPES):
+        return accept
+    return _DEFAULT_ACCEPT
+
+
+def _media_types(accept: str) -> set[str]:
+    return {part.split(";")[0].strip() for part in accept.split(",")} - {""}
+
+
 def _accepts(accept: str, media_type: str) -> bool:
-    if not accept:
+    offered = _media_types(accept)
+    if not offered & set(MANIFEST_MEDIA_TYPES):
         return True
-    offered = {part.split(";")[0].strip() for part in accept.split(",")}
-    return media_type in offered or "*/*" in offered
+    return media_type in offered
 
 
 def _relative_link(link: str) -> str:

@@ -1,0 +1,467 @@
+"""The node mirror end to end: a real registry, a real daemon, real sockets."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.images import (
+    PushedArtifact,
+    push_helm_chart,
+    push_image,
+    push_index,
+    push_signature,
+)
+from support.node import NodeProcess
+from support.registry import Registry
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+ALL_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+
+NodeFactory = Callable[..., NodeProcess]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    started: list[NodeProcess] = []
+
+    def start(*args: str, data_dir: Path | None = None) -> NodeProcess:
+        data = data_dir or tmp_path / f"node{len(started)}"
+        node = NodeProcess(data, list(args), log_path=tmp_path / "node.log")
+        started.append(node)
+        return node.start()
+
+    yield start
+    for node in started:
+        node.kill()
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory, registry: Registry) -> NodeProcess:
+    return node_factory("--upstream", registry.url)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oci_error(response: httpx.Response) -> str:
+    document = json.loads(response.content)
+    return str(document["errors"][0]["code"])
+
+
+# -- manifests --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("media", ["oci", "docker"])
+def test_manifest_by_tag_and_digest(
+    registry: Registry, node: NodeProcess, media: str
+) -> None:
+    image = push_image(registry, "team/app", "v1", media=media)
+    with httpx.Client(base_url=node.url) as client:
+        for reference in ("v1", image.manifest_digest):
+            url = f"/v2/team/app/manifests/{reference}"
+            got = client.get(url, headers={"Accept": ALL_MANIFESTS})
+            assert got.status_code == 200
+            assert got.content == image.manifest_bytes
+            assert got.headers["content-type"] == image.media_type
+            assert got.headers["docker-content-digest"] == image.manifest_digest
+            assert got.headers["content-length"] == str(len(image.manifest_bytes))
+            assert got.headers["etag"] == f'"{image.manifest_digest}"'
+            head = client.head(url, headers={"Accept": ALL_MANIFESTS})
+            assert head.status_code == 200
+            assert head.content == b""
+            assert head.headers["content-length"] == str(len(image.manifest_bytes))
+            assert head.headers["docker-content-digest"] == image.manifest_digest
+
+
+@pytest.mark.parametrize(
+    ("media", "index_type"), [("oci", OCI_INDEX), ("docker", DOCKER_LIST)]
+)
+def test_multi_arch_index(
+    registry: Registry, node: NodeProcess, media: str, index_type: str
+) -> None:
+    index = push_index(registry, "multi", "v1", media=media)
+    with httpx.Client(base_url=node.url) as client:
+        got = client.get("/v2/multi/manifests/v1", headers={"Accept": ALL_MANIFESTS})
+        assert got.status_code == 200
+        assert got.headers["content-type"] == index_type
+        assert got.content == index.index_bytes
+        for _platform, image in index.images:
+            child = client.get(
+                f"/v2/multi/manifests/{image.manifest_digest}",
+                headers={"Accept": ALL_MANIFESTS},
+            )
+            assert child.content == image.manifest_bytes
+
+
+def test_artifacts_pass_through_byte_for_byte(
+    registry: Registry, node: NodeProcess
+) -> None:
+    chart = push_helm_chart(registry, "charts/web", "1.2.3")
+    signature = push_signature_for(registry)
+    with httpx.Client(base_url=node.url) as client:
+        for artifact in (chart, signature):
+            got = client.get(
+                f"/v2/{artifact.repo}/manifests/{artifact.manifest_digest}",
+                headers={"Accept": OCI_MANIFEST},
+            )
+            assert got.status_code == 200
+            assert got.content == artifact.manifest_bytes
+            for digest, data in artifact.layers:
+                blob = client.get(f"/v2/{artifact.repo}/blobs/{digest}")
+                assert blob.content == data
+
+
+def push_signature_for(registry: Registry) -> PushedArtifact:
+    image = push_image(registry, "signed", "v1")
+    return push_signature(registry, "signed", image.descriptor)
+
+
+def test_missing_manifest_is_404(registry: Registry, node: NodeProcess) -> None:
+    push_image(registry, "app", "v1")
+    with httpx.Client(base_url=node.url) as client:
+        tag = client.get("/v2/app/manifests/nope")
+        digest = client.get(f"/v2/app/manifests/{sha256(b'none')}")
+        repo = client.get("/v2/nothing/here/manifests/v1")
+    for response in (tag, digest, repo):
+        assert response.status_code == 404
+        assert oci_error(response) == "MANIFEST_UNKNOWN"
+
+
+# -- blobs --------------------------------------------------------------------
+
+
+def test_blob_get_head_and_ranges(registry: Registry, node: NodeProcess) -> None:
+    layer = bytes(range(256)) * 4096
+    image = push_image(registry, "app", "v1", layers=[layer])
+    digest = image.layers[0][0]
+    url = f"/v2/app/blobs/{digest}"
+    size = len(layer)
+    with httpx.Client(base_url=node.url) as client:
+        head = client.head(url)
+        assert head.status_code == 200
+        assert head.headers["content-length"] == str(size)
+        full = client.get(url)
+        assert full.content == layer
+        assert full.headers["docker-content-digest"] == digest
+        cases = {
+            "bytes=0-9": (0, 9),
+            "bytes=100-": (100, size - 1),
+            "bytes=-10": (size - 10, size - 1),
+            f"bytes=5-{size * 2}": (5, size - 1),
+        }
+        for header, (first, last) in cases.items():
+            part = client.get(url, headers={"Range": header})
+            assert part.status_code == 206
+            assert part.headers["content-range"] == f"bytes {first}-{last}/{size}"
+            assert part.content == layer[first : last + 1]
+        for header in (f"bytes={size}-", "bytes=9-1", "bytes=x-y", "bytes=-0"):
+            bad = client.get(url, headers={"Range": header})
+            assert bad.status_code == 416
+            assert bad.headers["content-range"] == f"bytes */{size}"
+        cached_head = client.head(url)
+        assert cached_head.headers["content-length"] == str(size)
+
+
+def test_missing_blob_is_404(registry: Registry, node: NodeProcess) -> None:
+    push_image(registry, "app", "v1")
+    with httpx.Client(base_url=node.url) as client:
+        for method in ("GET", "HEAD"):
+            response = client.request(method, f"/v2/app/blobs/{sha256(b'none')}")
+            assert response.status_code == 404
+            if method == "GET":
+                assert oci_error(response) == "BLOB_UNKNOWN"
+
+
+def test_concurrent_clients_cause_one_upstream_get(
+    registry: Registry, node: NodeProcess
+) -> None:
+    layer = hashlib.sha256(b"seed").digest() * ((8 << 20) // 32)
+    image = push_image(registry, "big", "v1", layers=[layer])
+    digest = image.layers[0][0]
+
+    def pull(index: int) -> tuple[int, str]:
+        headers = {"Range": "bytes=1000-"} if index % 4 == 3 else {}
+        response = httpx.get(
+            f"{node.url}/v2/big/blobs/{digest}", headers=headers, timeout=60
+        )
+        return response.status_code, hashlib.sha256(response.content).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(pull, range(16)))
+    whole = hashlib.sha256(layer).hexdigest()
+    tail = hashlib.sha256(layer[1000:]).hexdigest()
+    for index, (status, got) in enumerate(results):
+        assert (status, got) == ((206, tail) if index % 4 == 3 else (200, whole))
+    assert registry.blob_gets("big", digest) == 1
+
+
+# -- tags list, referrers, base ----------------------------------------------
+
+
+def test_tags_list_passes_query_through(registry: Registry, node: NodeProcess) -> None:
+    for tag in ("a", "b", "c"):
+        push_image(registry, "paged", tag)
+    with httpx.Client(base_url=node.url) as client:
+        listed = client.get("/v2/paged/tags/list", params={"n": "2", "last": "a"})
+        assert listed.status_code == 200
+        assert listed.json()["name"] == "paged"
+        assert set(listed.json()["tags"]) <= {"a", "b", "c"}
+        missing = client.get("/v2/unknown/tags/list")
+        assert missing.status_code == 404
+        assert oci_error(missing) == "NAME_UNKNOWN"
+    # docker-registry 2.8 ignores n and last, so what is checked here is
+    # that the mirror forwards them; Link rewriting is tested on its own.
+    sent = registry.requests_for(
+        "GET", "/v2/paged/tags/list", user_agent_prefix="tcr-mirror"
+    )
+    assert [entry.query for entry in sent] == ["n=2&last=a"]
+
+
+def test_referrers_404_stays_404(registry: Registry, node: NodeProcess) -> None:
+    image = push_image(registry, "app", "v1")
+    with httpx.Client(base_url=node.url) as client:
+        response = client.get(f"/v2/app/referrers/{image.manifest_digest}")
+    assert response.status_code == 404
+
+
+def test_base_and_keep_alive(registry: Registry, node: NodeProcess) -> None:
+    image = push_image(registry, "app", "v1")
+    requests = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for path in (
+            "/v2/",
+            "/v2/app/manifests/v1",
+            f"/v2/app/blobs/{image.config_digest}",
+        )
+    )
+    with socket.create_connection((node.host, node.port), timeout=10) as sock:
+        sock.sendall(requests)
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(
+            image.config_bytes
+        ):
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed early: {received!r}"
+            received += chunk
+    assert b"Docker-Distribution-API-Version: registry/2.0" in received
+
+
+# -- routing ------------------------------------------------------------------
+
+
+def test_ns_routing_and_allow_list(
+    registry_factory: Callable[..., Registry], node_factory: NodeFactory
+) -> None:
+    first, second = registry_factory(), registry_factory()
+    one = push_image(first, "app", "v1", layer_sizes=[100])
+    two = push_image(second, "app", "v1", layer_sizes=[200])
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.setblocking(False)
+        trap_host = f"127.0.0.1:{trap.getsockname()[1]}"
+        node = node_factory(
+            "--upstream", first.url, "--upstream", f"second.example={second.url}"
+        )
+        with httpx.Client(base_url=node.url) as client:
+            plain = client.get("/v2/app/manifests/v1")
+            by_host = client.get("/v2/app/manifests/v1", params={"ns": first.host})
+            by_name = client.get(
+                "/v2/app/manifests/v1", params={"ns": "second.example"}
+            )
+            refused = client.get("/v2/app/manifests/v1", params={"ns": trap_host})
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+    assert plain.content == by_host.content == one.manifest_bytes
+    assert by_name.content == two.manifest_bytes
+    assert refused.status_code == 403
+    assert oci_error(refused) == "DENIED"
+
+
+# -- bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "code"),
+    [
+        ("GET /v2/UPPER/manifests/v1", 400, "NAME_INVALID"),
+        ("GET /v2/../../etc/passwd/manifests/v1", 400, "NAME_INVALID"),
+        ("GET /v2/a%2F..%2Fb/manifests/v1", 400, "NAME_INVALID"),
+        ("GET /v2/app/manifests/-bad", 400, "TAG_INVALID"),
+        ("GET /v2/app/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+        ("GET /v2/app/blobs/../../../etc/passwd", 404, "NAME_UNKNOWN"),
+        ("PUT /v2/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("POST /v2/app/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("DELETE /v2/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("GET /v2/app/tags/list?n=x", 400, "PAGINATION_NUMBER_INVALID"),
+    ],
+)
+def test_bad_input_gets_oci_errors(
+    node: NodeProcess, request_line: str, status: int, code: str
+) -> None:
+    with socket.create_connection((node.host, node.port), timeout=10) as sock:
+        sock.sendall(
+            f"{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        response = _read_response(sock)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert json.loads(body)["errors"][0]["code"] == code
+    assert httpx.get(f"{node.url}/v2/").status_code == 200
+
+
+def test_garbage_http_is_answered_400_and_daemon_lives(node: NodeProcess) -> None:
+    for garbage in (
+        b"\x00\x01\x02 garbage\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"A" * 70000,
+    ):
+        with socket.create_connection((node.host, node.port), timeout=10) as sock:
+            sock.sendall(garbage)
+            response = _read_response(sock)
+        assert response.startswith(b"HTTP/1.1 4"), response[:100]
+    assert httpx.get(f"{node.url}/v2/").status_code == 200
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+        head, sep, body = received.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            if length is not None and len(body) >= length:
+                break
+    return received
+
+
+# -- credentials and lifecycle ------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", ["basic", "token"])
+def test_authenticated_upstream_and_no_secret_in_logs(
+    request: pytest.FixtureRequest, node_factory: NodeFactory, tmp_path: Path, auth: str
+) -> None:
+    upstream: Registry = request.getfixturevalue(f"{auth}_auth_registry")
+    assert upstream.credentials is not None
+    user, password = upstream.credentials
+    image = push_image(upstream, "private/app", "v1", layer_sizes=[5000, 7000])
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"{user}:{password}\n")
+    node = node_factory(
+        "--upstream", upstream.url, "--credentials-file", str(credentials)
+    )
+    with httpx.Client(base_url=node.url) as client:
+        manifest = client.get(
+            "/v2/private/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
+        )
+        assert manifest.content == image.manifest_bytes
+        for digest, data in image.layers:
+            assert client.get(f"/v2/private/app/blobs/{digest}").content == data
+    if auth == "token":
+        # One token for the repository's pull scope, reused for every request.
+        assert _tokens_issued(request, auth) - tokens_before == 1
+    log = node.log_text()
+    assert password not in log
+    assert "Authorization" not in log
+    assert "Bearer" not in log
+
+
+def _tokens_issued(request: pytest.FixtureRequest, auth: str) -> int:
+    if auth != "token":
+        return 0
+    return int(request.getfixturevalue("token_server").tokens_issued)
+
+
+def test_wrong_credentials_are_unauthorized(
+    basic_auth_registry: Registry, node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    push_image(basic_auth_registry, "private/app", "v1")
+    credentials = tmp_path / "credentials"
+    credentials.write_text("alice:wrong\n")
+    node = node_factory(
+        "--upstream", basic_auth_registry.url, "--credentials-file", str(credentials)
+    )
+    response = httpx.get(f"{node.url}/v2/private/app/manifests/v1")
+    assert response.status_code == 401
+    assert oci_error(response) == "UNAUTHORIZED"
+
+
+def test_digests_served_from_store_and_tags_stale_if_error(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    image = push_image(registry, "app", "v1")
+    node = node_factory("--upstream", registry.url, "--tag-ttl", "0")
+    with httpx.Client(base_url=node.url) as client:
+        assert client.get("/v2/app/manifests/v1").status_code == 200
+        for digest in image.blobs:
+            assert client.get(f"/v2/app/blobs/{digest}").status_code == 200
+        registry.stop()
+        stale = client.get("/v2/app/manifests/v1")
+        by_digest = client.get(f"/v2/app/manifests/{image.manifest_digest}")
+        blobs = [client.get(f"/v2/app/blobs/{d}") for d in image.blobs]
+        unknown = client.get("/v2/app/manifests/never-seen")
+    assert stale.content == image.manifest_bytes
+    assert by_digest.content == image.manifest_bytes
+    assert all(blob.status_code == 200 for blob in blobs)
+    assert unknown.status_code == 503
+    assert oci_error(unknown) == "UNAVAILABLE"
+    assert any(e.get("event") == "tag_served_stale" for e in node.events())
+
+
+def test_tag_is_revalidated_after_ttl(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    push_image(registry, "app", "v1", layer_sizes=[10])
+    node = node_factory("--upstream", registry.url, "--tag-ttl", "0")
+    first = httpx.get(
+        f"{node.url}/v2/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
+    moved = push_image(registry, "app", "v1", layer_sizes=[20])
+    second = httpx.get(
+        f"{node.url}/v2/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
+    assert first.content != moved.manifest_bytes
+    assert second.content == moved.manifest_bytes
+
+
+def test_restart_serves_from_disk_and_sigterm_exits_zero(
+    registry: Registry, node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    image = push_image(registry, "app", "v1")
+    data = tmp_path / "persistent"
+    node = node_factory("--upstream", registry.url, data_dir=data)
+    for digest in image.blobs:
+        httpx.get(f"{node.url}/v2/app/blobs/{digest}")
+    assert node.stop() == 0
+    registry.stop()
+    again = node_factory("--upstream", registry.url, data_dir=data)
+    for digest in image.blobs:
+        response = httpx.get(f"{again.url}/v2/app/blobs/{digest}")
+        assert sha256(response.content) == digest
+    assert again.stop() == 0
