@@ -376,6 +376,7 @@ def test_authenticated_upstream_and_no_secret_in_logs(
     node = node_factory(
         "--upstream", upstream.url, "--credentials-file", str(credentials)
     )
+    tokens_before = _tokens_issued(request, auth)
     with httpx.Client(base_url=node.url) as client:
         manifest = client.get(
             "/v2/private/app/manifests/v1", headers={"Accept": OCI_MANIFEST}
