@@ -453,6 +453,8 @@ def sim_process(
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 async def test_cli_serves_and_exits_zero_on_sigterm(
