@@ -245,3 +245,126 @@ def test_respond_is_sans_io() -> None:
     assert server.respond("GET", "/nope", None)[0] == 404
     with pytest.raises(ValueError, match="empty"):
         CredentialsServer(keeper, "")
+
+
+# --- against the simulator -----------------------------------------------
+
+
+async def test_sim_tokens_reach_nodes_and_log_in(tmp_path: object) -> None:
+    from support.control_sim import sim_in_process
+    from tcr_mirror.control._serve import resolve_registries, tcr_issuer
+
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("serve-one")
+        metrics = ControlMetrics()
+        async with sim.client(on_call=metrics.on_call) as client:
+            registries = await resolve_registries(client, [rid])
+            host = "serve-one.tencentcloudcr.com"
+            assert registries == {host: rid}
+            keeper = TokenKeeper(
+                [host], tcr_issuer(client, registries), metrics=metrics
+            )
+            async with trio.open_nursery() as nursery:
+                base = await start_server(nursery, keeper)
+                async with httpx.AsyncClient() as http:
+                    body = await poll_credentials(http, base, host)
+                    assert body["username"] == "100012345678"
+                    assert body["expires_at"] > time.time() + 3000
+
+                    # The token is a real instance token: the simulator's
+                    # registry token service accepts it as a docker login.
+                    login = await http.get(
+                        f"{sim.endpoint}/service/token",
+                        params={
+                            "service": "harbor-registry",
+                            "scope": "repository:a/b:pull",
+                        },
+                        auth=(body["username"], body["password"]),
+                    )
+                    assert login.status_code == 200, login.text
+
+                    bad = await http.get(
+                        f"{base}/v1/credentials",
+                        params={"registry": host},
+                        headers={"Authorization": f"Bearer {SECRET}x"},
+                    )
+                    assert bad.status_code == 401
+                    assert body["password"] not in bad.text
+
+                    text = (await http.get(f"{base}/metrics")).text
+                    counter = (
+                        "tcr_mirror_control_api_calls_total"
+                        '{action="CreateInstanceToken",code="OK"} 1.0'
+                    )
+                    assert counter in text
+                    assert body["password"] not in text
+                nursery.cancel_scope.cancel()
+
+
+async def poll_credentials(
+    http: httpx.AsyncClient, base: str, host: str, *, unlike: str = ""
+) -> dict[str, object]:
+    """Poll the endpoint (bounded) until it has a token other than ``unlike``."""
+    for _ in range(200):
+        answer = await http.get(
+            f"{base}/v1/credentials",
+            params={"registry": host},
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        if answer.status_code == 200 and answer.json()["password"] != unlike:
+            return answer.json()  # type: ignore[no-any-return]
+        assert answer.status_code in (200, 503), answer.text
+        await trio.sleep(0.05)
+    raise AssertionError("no (new) token within the polling bound")
+
+
+async def test_renewed_token_is_seen_by_a_polling_node() -> None:
+    from support.control_sim import sim_in_process
+    from tcr_mirror.control._serve import tcr_issuer
+
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("serve-two")
+        host = "serve-two.tencentcloudcr.com"
+        async with sim.client() as client:
+            # Renew after 0.02% of the hour, about 0.7 s, to see it happen.
+            keeper = TokenKeeper(
+                [host],
+                tcr_issuer(client, {host: rid}),
+                schedule=lambda: RenewalSchedule(renew_fraction=0.0002),
+            )
+            async with trio.open_nursery() as nursery:
+                base = await start_server(nursery, keeper)
+                async with httpx.AsyncClient() as http:
+                    first = await poll_credentials(http, base, host)
+                    second = await poll_credentials(
+                        http, base, host, unlike=str(first["password"])
+                    )
+                assert second["expires_at"] >= first["expires_at"]
+                assert keeper.renewals >= 2
+                nursery.cancel_scope.cancel()
+
+
+async def test_renewal_failure_is_retried_against_the_sim(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """TCR refusing twice costs two backoff steps, then the token arrives."""
+    from support.control_sim import sim_in_process
+    from tcr_mirror.control._serve import tcr_issuer
+
+    # Virtual time with real sockets: only the scheduler's sleeps are long,
+    # and the client has no timeout shorter than the jumps we make.
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("serve-three")
+        host = "serve-three.tencentcloudcr.com"
+        sim.simulator.state.inject("CreateInstanceToken", "InternalError", times=2)
+        async with sim.client(timeout=10_000) as client:
+            keeper = TokenKeeper([host], tcr_issuer(client, {host: rid}))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keeper.run)
+                for _ in range(100):
+                    if keeper.get(host) is not None:
+                        break
+                    await trio.sleep(1)
+                nursery.cancel_scope.cancel()
+    assert keeper.get(host) is not None
+    assert keeper.schedules[host].failures == 0
