@@ -303,7 +303,7 @@ def test_containerd_pulls_through_hosts_toml(
         True
     ]
     # containerd names the upstream in ?ns= only when the host is a mirror.
-    assert "ns=" not in gets[0].query
+    assert "ns" not in gets[0].params
 
 
 def test_proxy_mode_pulls_through_from_remote(

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -74,7 +74,13 @@ class AccessLogEntry:
 
     @property
     def query(self) -> str:
+        """The raw query string (containerd sends ``ns=127.0.0.1%3A5000``)."""
         return self.uri.partition("?")[2]
+
+    @property
+    def params(self) -> dict[str, list[str]]:
+        """The query, decoded: ``{"ns": ["127.0.0.1:5000"]}``."""
+        return parse_qs(self.query)
 
 
 def parse_access_line(line: str) -> AccessLogEntry | None:
