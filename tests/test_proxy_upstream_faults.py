@@ -1,0 +1,440 @@
+"""The node mirror against an upstream that misbehaves (issues #2 and #3).
+
+Each test runs a real ``tcr-mirror node`` whose default upstream is a
+:class:`FaultProxy` in front of a real docker-registry, sets one fault and
+pulls through the mirror with httpx. What must hold whatever the fault: the
+client gets the right bytes or an error (an OCI error status, or a body
+shorter than its declared length), never a complete wrong body; a failed
+fetch leaves nothing in the store; and the daemon keeps serving.
+
+Every node also has the registry itself as upstream ``ns=direct``, so a
+test can show the daemon serves others while its default upstream is
+stalled or blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.faultproxy import Fault, FaultKind, FaultProxy
+from support.images import OCI_MANIFEST, PushedImage, push_image
+from support.node import NodeProcess
+from support.registry import REGISTRY_BINARY, Registry
+
+REPO = "faults/app"
+TAG = "v1"
+DIRECT = "direct"
+MIB = 1 << 20
+# The mirror's upstream read timeout, short so that stalls end quickly.
+READ_TIMEOUT = 1.0
+# Generous: outcomes are asserted, never timings.
+CLIENT_TIMEOUT = 60.0
+
+NodeFactory = Callable[..., NodeProcess]
+
+
+# Fixtures.
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One plain registry for the whole module (it is only read from)."""
+    if not Path(REGISTRY_BINARY).exists():
+        pytest.skip(f"{REGISTRY_BINARY} is not installed")
+    with Registry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def image(upstream: Registry) -> PushedImage:
+    """An image with one 3 MiB layer."""
+    return push_image(upstream, REPO, TAG, layer_sizes=(3 * MIB,))
+
+
+@pytest.fixture
+def proxy(upstream: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(upstream.url) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Starts nodes: ``node_factory(default_url, direct_url=, credentials=)``."""
+    started: list[NodeProcess] = []
+
+    def start(
+        default_url: str,
+        *,
+        direct_url: str | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> NodeProcess:
+        n = len(started)
+        config = tmp_path / f"node{n}.toml"
+        config.write_text(f"read_timeout = {READ_TIMEOUT}\nconnect_timeout = 2.0\n")
+        args = ["--config", str(config), "--tag-ttl", "0", "--upstream", default_url]
+        if direct_url is not None:
+            args += ["--upstream", f"{DIRECT}={direct_url}"]
+        if credentials is not None:
+            secret = tmp_path / f"node{n}.credentials"
+            secret.write_text(":".join(credentials) + "\n")
+            args += ["--credentials-file", str(secret)]
+        node = NodeProcess(
+            tmp_path / f"data{n}", args, log_path=tmp_path / f"node{n}.log"
+        )
+        started.append(node)
+        return node.start()
+
+    yield start
+    for node in started:
+        # stop() kills a node that does not stop in time, then re-raises.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.stop()
+
+
+@pytest.fixture
+def node(
+    node_factory: NodeFactory, proxy: FaultProxy, upstream: Registry
+) -> NodeProcess:
+    return node_factory(proxy.url, direct_url=upstream.url)
+
+
+# Helpers.
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What a client got: status, headers, the bytes that arrived, and
+    whether the body ended cleanly at its declared length."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    complete: bool
+
+    def error_code(self) -> str:
+        assert self.headers.get("content-type", "").startswith("application/json")
+        errors = httpx.Response(200, content=self.body).json()["errors"]
+        return str(errors[0]["code"])
+
+
+def pull(url: str, headers: dict[str, str] | None = None) -> Pulled:
+    chunks: list[bytes] = []
+    with (
+        httpx.Client(timeout=CLIENT_TIMEOUT) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
+        complete = True
+        try:
+            for chunk in response.iter_raw():
+                chunks.append(chunk)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            complete = False
+    return Pulled(response.status_code, response.headers, b"".join(chunks), complete)
+
+
+def blob_path(digest: str) -> str:
+    return f"/v2/{REPO}/blobs/{digest}"
+
+
+def blob_url(node: NodeProcess, digest: str, ns: str | None = None) -> str:
+    query = f"?ns={ns}" if ns else ""
+    return f"{node.url}{blob_path(digest)}{query}"
+
+
+def manifest_url(node: NodeProcess, reference: str, ns: str | None = None) -> str:
+    query = f"?ns={ns}" if ns else ""
+    return f"{node.url}/v2/{REPO}/manifests/{reference}{query}"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def layer(image: PushedImage) -> tuple[str, bytes]:
+    return image.layers[0]
+
+
+def stored_files(node: NodeProcess) -> list[Path]:
+    """Blob files and temporary files in the node's store."""
+    return [
+        path
+        for directory in ("blobs", "tmp")
+        for path in (node.data_dir / directory).rglob("*")
+        if path.is_file()
+    ]
+
+
+def assert_got_blob(pulled: Pulled, digest: str) -> None:
+    assert pulled.status == 200, pulled.body[:300]
+    assert pulled.complete
+    assert sha256(pulled.body) == digest
+
+
+def assert_no_complete_body(pulled: Pulled, size: int) -> None:
+    """The client saw an error status or a body cut short, never all of it."""
+    if pulled.status == 200:
+        assert int(pulled.headers["content-length"]) == size
+        assert not pulled.complete
+        assert len(pulled.body) < size
+    else:
+        assert pulled.status >= 500
+
+
+def assert_serves(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, ns: str | None = None
+) -> None:
+    """With the faults cleared, the layer is served whole and right."""
+    proxy.clear_faults()
+    digest, _ = layer(image)
+    assert_got_blob(pull(blob_url(node, digest, ns)), digest)
+
+
+def wait_for_request(proxy: FaultProxy, method: str, path: str) -> None:
+    deadline = time.monotonic() + 20
+    while proxy.count(method, path) == 0:
+        assert time.monotonic() < deadline, f"{method} {path} never reached the proxy"
+        time.sleep(0.02)
+
+
+# Cut bodies and resumes.
+
+
+def test_cut_body_is_resumed_from_the_first_missing_byte(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, _ = layer(image)
+    # Not a multiple of any buffer size: every byte that arrived is kept.
+    cut = 700_001
+    proxy.add_fault(Fault(FaultKind.CUT, times=2, after=cut))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert_got_blob(pulled, digest)
+    ranges = [r.range for r in proxy.requests if r.path == blob_path(digest)]
+    assert ranges == [None, f"bytes={cut}-", f"bytes={2 * cut}-"]
+    # Stored: the next client is served without asking upstream.
+    assert_got_blob(pull(blob_url(node, digest)), digest)
+    assert proxy.count("GET", blob_path(digest)) == 3
+
+
+def test_fetch_gives_up_after_three_resumes(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, data = layer(image)
+    step = MIB // 4
+    proxy.add_fault(Fault(FaultKind.CUT, after=step))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert_no_complete_body(pulled, len(data))
+    ranges = [r.range for r in proxy.requests if r.path == blob_path(digest)]
+    assert ranges == [None, *(f"bytes={step * i}-" for i in (1, 2, 3))]
+    assert stored_files(node) == []
+    assert_serves(node, proxy, image)
+    assert proxy.count("GET", blob_path(digest), range=None) == 2
+
+
+@pytest.mark.parametrize("bad_resume", [FaultKind.IGNORE_RANGE, FaultKind.WRONG_RANGE])
+def test_resume_not_answered_with_the_asked_range_fails_cleanly(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, bad_resume: FaultKind
+) -> None:
+    digest, data = layer(image)
+    proxy.add_fault(Fault(FaultKind.CUT, times=1, after=MIB))
+    proxy.add_fault(Fault(bad_resume))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert_no_complete_body(pulled, len(data))
+    assert pulled.body == data[: len(pulled.body)]
+    assert proxy.count("GET", blob_path(digest), range=f"bytes={MIB}-") == 1
+    assert stored_files(node) == []
+    # A fresh fetch from the first byte, not a resume of the failed one.
+    assert_serves(node, proxy, image)
+    assert proxy.count("GET", blob_path(digest), range=None) == 2
+
+
+def test_corrupted_byte_never_completes_and_is_fetched_again(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, data = layer(image)
+    proxy.add_fault(Fault(FaultKind.CORRUPT, times=1))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert_no_complete_body(pulled, len(data))
+    assert stored_files(node) == []
+    assert_serves(node, proxy, image)
+    assert proxy.count("GET", blob_path(digest)) == 2
+
+
+# Stalls.
+
+
+@pytest.mark.parametrize("stall", [FaultKind.STALL_HEAD, FaultKind.STALL_BODY])
+def test_stalled_upstream_ends_in_an_error_while_others_are_served(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, stall: FaultKind
+) -> None:
+    digest, data = layer(image)
+    proxy.add_fault(Fault(stall, after=MIB // 4, seconds=30))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stalled = pool.submit(pull, blob_url(node, digest))
+        wait_for_request(proxy, "GET", blob_path(digest))
+        # While the default upstream hangs, the daemon answers others.
+        assert httpx.get(f"{node.url}/v2/", timeout=CLIENT_TIMEOUT).status_code == 200
+        other = pull(manifest_url(node, TAG, ns=DIRECT), {"Accept": OCI_MANIFEST})
+        assert other.status == 200
+        assert sha256(other.body) == image.manifest_digest
+        pulled = stalled.result(timeout=CLIENT_TIMEOUT)
+
+    assert_no_complete_body(pulled, len(data))
+    if stall is FaultKind.STALL_HEAD:
+        assert (pulled.status, pulled.error_code()) == (503, "UNAVAILABLE")
+    assert stored_files(node) == []
+    assert_serves(node, proxy, image)
+
+
+# Error answers.
+
+
+def test_upstream_500_is_answered_503_unavailable(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, _ = layer(image)
+    proxy.add_fault(Fault(FaultKind.STATUS, status=500))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert (pulled.status, pulled.error_code()) == (503, "UNAVAILABLE")
+    assert_serves(node, proxy, image)
+
+
+@pytest.mark.parametrize("kind", [FaultKind.GARBAGE, FaultKind.CLOSE])
+def test_garbage_or_closed_connection_is_answered_503_unavailable(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, kind: FaultKind
+) -> None:
+    digest, _ = layer(image)
+    proxy.add_fault(Fault(kind, methods=frozenset({"GET", "HEAD"}), path_contains=""))
+
+    blob = pull(blob_url(node, digest))
+    manifest = pull(manifest_url(node, TAG), {"Accept": OCI_MANIFEST})
+
+    assert (blob.status, blob.error_code()) == (503, "UNAVAILABLE")
+    assert (manifest.status, manifest.error_code()) == (503, "UNAVAILABLE")
+    assert_serves(node, proxy, image)
+
+
+# Rate limiting.
+
+
+def retry_after_of(pulled: Pulled) -> int:
+    assert (pulled.status, pulled.error_code()) == (429, "TOOMANYREQUESTS")
+    return int(pulled.headers["retry-after"])
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_long_retry_after_blocks_the_upstream_until_then(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, form: str
+) -> None:
+    digest, _ = layer(image)
+    value = "30"
+    if form == "http-date":
+        value = email.utils.formatdate(time.time() + 30, usegmt=True)
+    proxy.add_fault(
+        Fault(FaultKind.STATUS, status=429, headers=(("Retry-After", value),))
+    )
+
+    first = pull(blob_url(node, digest))
+    seen = len(proxy.requests)
+    again = pull(blob_url(node, digest))
+    other = pull(blob_url(node, image.config_digest))
+
+    assert 1 <= retry_after_of(first) <= 31
+    assert 1 <= retry_after_of(again) <= 31
+    assert 1 <= retry_after_of(other) <= 31
+    assert len(proxy.requests) == seen, "a blocked upstream was asked again"
+    assert proxy.count("GET", blob_path(digest)) == 1
+    # The default upstream is blocked; the daemon serves through the other.
+    assert_serves(node, proxy, image, ns=DIRECT)
+
+
+def test_short_retry_after_is_waited_out_and_retried(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, _ = layer(image)
+    retry = (("Retry-After", "1"),)
+    proxy.add_fault(Fault(FaultKind.STATUS, times=1, status=429, headers=retry))
+
+    pulled = pull(blob_url(node, digest))
+
+    assert_got_blob(pulled, digest)
+    assert proxy.count("GET", blob_path(digest)) == 2
+    assert_serves(node, proxy, image)
+
+
+# Redirects to blob storage.
+
+
+@pytest.mark.parametrize("auth", ["token_auth_registry", "basic_auth_registry"])
+def test_redirect_to_storage_carries_no_authorization(
+    request: pytest.FixtureRequest, node_factory: NodeFactory, auth: str
+) -> None:
+    registry: Registry = request.getfixturevalue(auth)
+    assert registry.credentials is not None
+    pushed = push_image(registry, REPO, TAG, layer_sizes=(2 * MIB,))
+    digest, _ = layer(pushed)
+    with FaultProxy(registry.url) as proxy:
+        proxy.add_fault(Fault(FaultKind.REDIRECT))
+        node = node_factory(proxy.url, credentials=registry.credentials)
+
+        pulled = pull(blob_url(node, digest))
+
+        assert_got_blob(pulled, digest)
+        storage = [r for r in proxy.storage_requests if r.method == "GET"]
+        assert storage, "the blob was not fetched from storage"
+        assert all("authorization" not in r.headers for r in storage)
+        to_registry = [r for r in proxy.requests if r.path == blob_path(digest)]
+        assert any("authorization" in r.headers for r in to_registry)
+    served = registry.requests_for("GET", blob_path(digest))
+    assert any(entry.status == 200 for entry in served)
+
+
+# Tags when the upstream fails.
+
+
+@pytest.mark.parametrize("kind", [FaultKind.STATUS, FaultKind.CLOSE])
+def test_tag_is_served_stale_when_the_upstream_fails(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, kind: FaultKind
+) -> None:
+    accept = {"Accept": OCI_MANIFEST}
+    fresh = pull(manifest_url(node, TAG), accept)
+    assert fresh.status == 200
+    assert sha256(fresh.body) == image.manifest_digest
+    head_path = f"/v2/{REPO}/manifests/{TAG}"
+    asked = proxy.count("HEAD", head_path)
+    manifests = frozenset({"GET", "HEAD"})
+    proxy.add_fault(Fault(kind, methods=manifests, path_contains="/manifests/"))
+
+    stale = pull(manifest_url(node, TAG), accept)
+    unknown = pull(manifest_url(node, "never-pulled"), accept)
+
+    assert stale.status == 200
+    assert stale.body == fresh.body
+    assert stale.headers["docker-content-digest"] == image.manifest_digest
+    assert proxy.count("HEAD", head_path) > asked, "the tag was not revalidated"
+    assert any(e.get("event") == "tag_served_stale" for e in node.events())
+    assert (unknown.status, unknown.error_code()) == (503, "UNAVAILABLE")
+    proxy.clear_faults()
+    assert pull(manifest_url(node, TAG), accept).status == 200
+    assert_serves(node, proxy, image)
