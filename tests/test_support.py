@@ -256,6 +256,18 @@ def test_token_auth_refuses_anonymous_and_accepts_credentials(
     assert any("repository:lib/app:pull" in r.scopes for r in skopeo_requests)
 
 
+def test_registry_restarts_on_the_same_url_with_its_content(registry: Registry) -> None:
+    image = push_image(registry, "lib/app", "v1")
+    url = f"{registry.url}/v2/lib/app/blobs/{image.config_digest}"
+
+    registry.stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url)
+    registry.start()
+
+    assert httpx.get(url).content == image.config_bytes
+
+
 # Access log.
 
 
@@ -304,6 +316,24 @@ def test_containerd_pulls_through_hosts_toml(
     ]
     # containerd names the upstream in ?ns= only when the host is a mirror.
     assert "ns" not in gets[0].params
+
+
+@pytest.mark.root
+def test_containerd_forget_makes_the_next_pull_fetch_again(
+    registry: Registry, containerd: Containerd, tmp_path: Path
+) -> None:
+    image = push_image(registry, "lib/app", "v1", layer_sizes=[2000])
+    ref = f"{registry.host}/lib/app:v1"
+    hosts_dir = tmp_path / "certs.d"
+    digest, _ = image.layers[0]
+    assert containerd.pull(ref, hosts_dir).returncode == 0
+
+    containerd.forget(ref)
+    assert digest not in containerd.content_digests()
+    assert containerd.pull(ref, hosts_dir).returncode == 0
+
+    assert registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 2
+    assert digest in containerd.content_digests()
 
 
 def test_proxy_mode_pulls_through_from_remote(

@@ -205,8 +205,9 @@ class Containerd:
 
     def forget(self, ref: str) -> None:
         """Removes an image and lets GC drop its content, for a fresh re-pull."""
+        # --sync runs garbage collection before returning, so the image's
+        # blobs are gone when this returns.
         self._checked("images", "rm", "--sync", ref)
-        self.ctr("content", "prune", "references")
 
     # Internals.
 

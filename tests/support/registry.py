@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import httpx
 
@@ -200,6 +200,8 @@ class Registry:
     def start(self) -> None:
         """Starts the process and waits until ``/v2/`` answers.
 
+        After ``stop()``, starts again on the same port with the same storage.
+
         Raises:
             RegistryStartError: it exited or did not answer in time.
         """
@@ -209,15 +211,19 @@ class Registry:
         self.storage.mkdir(exist_ok=True)
         self._write_auth_files()
 
-        # The port was free when we looked; another process may take it
-        # before docker-registry binds, so try a few.
-        for attempt in range(_PORT_ATTEMPTS):
-            self.port = free_port()
+        # A restart keeps the port, so a test can take an upstream down and
+        # bring it back at the same URL. A first start takes a port that was
+        # free when we looked; another process may grab it before
+        # docker-registry binds, so it tries a few.
+        attempts = 1 if self.port else _PORT_ATTEMPTS
+        for attempt in range(attempts):
+            if not self.port or attempt:
+                self.port = free_port()
             config = self.workdir / "config.yml"
             config.write_text(json.dumps(self._config()))
             if self._launch(config):
                 return
-            if attempt == _PORT_ATTEMPTS - 1 or not self._lost_port_race():
+            if attempt == attempts - 1 or not self._lost_port_race():
                 raise RegistryStartError(self._failure_message())
 
     def stop(self) -> None:
@@ -347,8 +353,3 @@ class Registry:
             if entry is not None:
                 entries.append(entry)
         return entries
-
-
-def registry_host(url: str) -> str:
-    """``http://127.0.0.1:5000/x`` -> ``127.0.0.1:5000``."""
-    return urlsplit(url).netloc

@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-__all__ = ["Grant", "TokenRequest", "TokenServer", "libtrust_key_id"]
+__all__ = [
+    "Grant",
+    "TokenRequest",
+    "TokenServer",
+    "libtrust_key_id",
+    "parse_scopes",
+]
 
 
 @dataclass(frozen=True)
