@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 # Resumes of one fetch before giving up on the upstream.
 _MAX_RESUMES = 3
-_CHUNK = 1 << 20
 
 
 class FetchAborted(Exception):
@@ -227,7 +226,10 @@ async def _absorb(
     response: httpx.Response, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
 ) -> None:
     assert fetch.size is not None
-    async for chunk in response.aiter_raw(_CHUNK):
+    # No chunk size: httpx would hold bytes back until a chunk filled and
+    # drop them when the body is cut, so the resume would ask for bytes
+    # already received and clients would wait for them.
+    async for chunk in response.aiter_raw():
         if fetch.written + len(chunk) > fetch.size:
             raise UpstreamUnavailable("upstream sent more bytes than the blob's size")
         view = memoryview(chunk)
