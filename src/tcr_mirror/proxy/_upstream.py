@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -187,8 +188,9 @@ class Upstream:
                     answered_challenge = True
                     continue
             if response.status_code == 429:
+                # An HTTP-date is wall-clock time; trio's clock is not.
                 delay = parse_retry_after(
-                    response.headers.get("retry-after"), trio.current_time()
+                    response.headers.get("retry-after"), time.time()
                 )
                 if delay <= _MAX_INLINE_RETRY_WAIT and not waited:
                     await response.aclose()
@@ -313,7 +315,8 @@ def status_error(
     if status == 403:
         return Denied(f"upstream {key} denied access to {what}")
     if status == 429:
-        retry_after = response.headers.get("retry-after", "1")
-        seconds = int(retry_after) if retry_after.isdigit() else 1
-        return TooManyRequests(f"upstream {key} is rate limiting", retry_after=seconds)
+        delay = parse_retry_after(response.headers.get("retry-after"), time.time())
+        return TooManyRequests(
+            f"upstream {key} is rate limiting", retry_after=math.ceil(delay)
+        )
     return UpstreamUnavailable(f"upstream {key} answered {status} for {what}")
