@@ -380,3 +380,15 @@ def test_containerd_falls_back_to_the_registry_when_the_mirror_is_down(
     assert result.returncode == 0, result.stderr
     digest, _ = image.layers[0]
     assert registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 1
+
+
+def test_rendering_imports_no_async_or_network_layer() -> None:
+    code = (
+        "import sys, tcr_mirror.containerd_config; "
+        "print(sorted(m for m in ('trio', 'httpx', 'socket') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.stdout.strip() == "[]", result.stderr
