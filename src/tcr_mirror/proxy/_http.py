@@ -38,7 +38,7 @@ _IDLE_TIMEOUT = 120.0
 
 @dataclass(frozen=True)
 class Request:
-    """A request head; header names are lower-case, the last value wins."""
+    """A request head; header names are lower-case, repeats joined by commas."""
 
     method: str
     target: str
@@ -172,9 +172,12 @@ async def _next_event(
 
 
 def _to_request(event: h11.Request) -> Request:
-    headers = {
-        name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers
-    }
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in event.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        # RFC 9110 §5.3: repeated fields are one comma-separated list (skopeo
+        # sends one Accept line per media type).
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return Request(
         event.method.decode("ascii"), event.target.decode("latin-1"), headers
     )

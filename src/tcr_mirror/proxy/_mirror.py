@@ -163,8 +163,11 @@ class Mirror:
             return _Manifest(digest, *stored)
 
         async def fetch() -> _Manifest:
+            # The digest fixes the bytes whatever the client accepts, and a
+            # registry refuses types missing from Accept: ask for them all.
+            everything = f"{_DEFAULT_ACCEPT}, {accept}" if accept else ""
             manifest = await self._get_manifest(
-                upstream, route.name, str(digest), accept
+                upstream, route.name, str(digest), everything
             )
             if manifest.digest != digest:
                 raise UpstreamUnavailable(
