@@ -1,0 +1,300 @@
+"""``tcr-mirror control`` as a subprocess against ``tcr-mirror sim``."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.control_sim import SECRET_KEY, sim_env, sim_process
+
+ERROR_LINE = re.compile(
+    r"^tcr-mirror: error: [A-Za-z.]+: .+ \(RequestId [0-9a-f-]{36}\)$"
+)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@dataclass
+class Cli:
+    endpoint: str
+    instances: dict[str, str]
+    workdir: Path
+    outputs: list[str]
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.jsonl"
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Run:
+        command = [sys.executable, "-m", "tcr_mirror", "control"]
+        command += ["--endpoint", self.endpoint, "--audit-log", str(self.audit_log)]
+        done = subprocess.run(
+            [*command, *args],
+            env=env or sim_env(),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.outputs += [done.stdout, done.stderr]
+        return Run(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    with sim_process("cli-one", "cli-two") as sim:
+        workdir = tmp_path_factory.mktemp("cli")
+        instances = dict(sim["instances"])  # type: ignore[call-overload]
+        yield Cli(str(sim["endpoint"]), instances, workdir, [])
+
+
+def assert_one_error_line(run: Run) -> None:
+    assert run.code != 0
+    assert run.out == ""
+    assert "Traceback" not in run.err
+    lines = run.err.splitlines()
+    assert len(lines) == 1, run.err
+    assert ERROR_LINE.match(lines[0]), lines[0]
+
+
+def test_instances_list_text_and_json(cli: Cli) -> None:
+    text = cli("instances", "list")
+    assert text.code == 0, text.err
+    header, *rows = text.out.splitlines()
+    assert header.split()[:3] == ["RegistryId", "RegistryName", "Status"]
+    assert {row.split()[0] for row in rows} == set(cli.instances.values())
+
+    as_json = cli("instances", "list", "--output", "json")
+    body = as_json.json()
+    assert isinstance(body, dict)
+    assert body["TotalCount"] == 2
+    assert re.fullmatch(r"[0-9a-f-]{36}", body["RequestId"])
+
+
+def test_token_lifecycle_keeps_the_token_out_of_output(cli: Cli) -> None:
+    rid = cli.instances["cli-one"]
+    token_file = cli.workdir / "ci.json"
+
+    created = cli(
+        "tokens", "create", rid, "--type", "longterm", "--desc", "ci",
+        "--token-file", str(token_file),
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    saved = json.loads(token_file.read_text())
+    token = saved["password"]
+    assert len(token) > 100
+    assert token not in created.out + created.err
+    assert str(token_file) in created.out
+
+    disabled = cli("tokens", "disable", rid, saved["token_id"])
+    assert disabled.code == 0, disabled.err
+    listed = cli("--output", "json", "tokens", "list", rid).json()
+    assert isinstance(listed, dict)
+    assert [(t["Id"], t["Enabled"]) for t in listed["Tokens"]] == [
+        (saved["token_id"], False)
+    ]
+    assert token not in cli.audit_log.read_text()
+
+
+def test_tcr_error_is_one_line_and_nonzero(cli: Cli) -> None:
+    run = cli("tokens", "delete", cli.instances["cli-one"], "no-such-token")
+
+    assert_one_error_line(run)
+    assert run.code == 1
+    assert "ResourceNotFound" in run.err
+
+
+def test_wrong_key_is_tcr_signature_failure(cli: Cli) -> None:
+    env = sim_env()
+    env["TENCENTCLOUD_SECRET_KEY"] = "not-the-key"
+
+    run = cli("instances", "list", env=env)
+
+    assert_one_error_line(run)
+    assert "AuthFailure.SignatureFailure" in run.err
+
+
+def test_missing_credentials_is_a_usage_error(cli: Cli) -> None:
+    env = sim_env()
+    del env["TENCENTCLOUD_SECRET_KEY"]
+
+    run = cli("instances", "list", env=env)
+
+    assert run.code == 2
+    assert run.err.strip() == (
+        "tcr-mirror: error: environment variable TENCENTCLOUD_SECRET_KEY is not set"
+    )
+
+
+def test_endpoint_and_policies(cli: Cli) -> None:
+    rid = cli.instances["cli-two"]
+
+    assert cli("endpoint", "enable", rid).code == 0
+    status = None
+    for _ in range(50):
+        status = cli("endpoint", "status", rid)
+        if "Opened" in status.out:
+            break
+    assert status is not None
+    assert "Status: Opened" in status.out
+    added = cli("policies", "add", rid, "10.1.0.0/16", "--description", "lab")
+    assert added.code == 0, added.err
+    listed = cli("policies", "list", rid)
+    assert re.search(r"^0\s+10\.1\.0\.0/16\s+lab\s", listed.out, re.M), listed.out
+
+
+def test_plan_apply_apply(cli: Cli) -> None:
+    rid = cli.instances["cli-one"]
+    desired = cli.workdir / "desired.toml"
+    desired.write_text(
+        f'[[instance]]\nregistry_id = "{rid}"\nregion = "ap-guangzhou"\n'
+        '[[instance.token]]\ndescription = "from-plan"\n'
+        '[[instance.vpc]]\nvpc_id = "vpc-74ffq7ov"\nsubnet_id = "subnet-kpmi5ji6"\n'
+    )
+
+    planned = cli("plan", str(desired))
+    assert planned.code == 0, planned.err
+    assert planned.out.splitlines()[0] == "2 change(s):"
+    applied = cli("apply", str(desired), "--poll-interval", "0.1")
+    assert applied.code == 0, applied.err
+    assert "2 done, 0 failed, 0 not attempted" in applied.out
+    again = cli("--output", "json", "apply", str(desired))
+    body = again.json()
+    assert isinstance(body, dict)
+    assert body["nothing_to_do"] is True
+    assert cli("apply", str(desired)).out.strip() == (
+        "nothing to do: TCR matches the desired state"
+    )
+
+
+def test_bad_desired_file_is_one_line(cli: Cli) -> None:
+    desired = cli.workdir / "bad.toml"
+    desired.write_text("[[instance]]\nregion = 'ap-guangzhou'\n")
+
+    run = cli("plan", str(desired))
+
+    assert run.code == 2
+    assert run.err.strip() == (
+        "tcr-mirror: error: instance[0].registry_id: expected a non-empty string"
+    )
+
+
+def test_audit_query_and_verify(cli: Cli) -> None:
+    cli("tokens", "delete", cli.instances["cli-two"], "nope")
+
+    errors = cli("audit", "--errors", "--output", "json").json()
+    assert isinstance(errors, list)
+    assert errors
+    assert all(e["errorCode"] not in (0, "") for e in errors)
+    assert {e["resourceType"] for e in errors} == {"tcr"}
+    named = cli("audit", "--event", "DescribeInstances").out.splitlines()
+    assert named
+    assert all("DescribeInstances" in line for line in named)
+    assert cli("audit", "--since", "2999-01-01T00:00:00").out.strip() == "(no events)"
+
+    ok = cli("audit", "verify")
+    assert ok.code == 0, ok.err
+    assert "chain intact" in ok.out
+
+
+def test_audit_verify_names_the_tampered_line(cli: Cli, tmp_path: Path) -> None:
+    lines = cli.audit_log.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 3
+    lines[1] = lines[1].replace(b'"apiVersion":"3.0"', b'"apiVersion":"9.9"')
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_bytes(b"".join(lines))
+
+    run = cli("audit", "verify", "--log", str(tampered))
+
+    assert run.code == 1
+    assert run.err.strip().endswith(
+        "line 2: edited: its hash does not match its content"
+    )
+
+
+def test_serve_hands_out_tokens(cli: Cli) -> None:
+    secret_file = cli.workdir / "node-secret"
+    secret_file.write_text("node-secret-for-cli-test\n")
+    rid = cli.instances["cli-two"]
+    command = [sys.executable, "-m", "tcr_mirror", "control"]
+    command += ["--endpoint", cli.endpoint, "--audit-log", str(cli.audit_log)]
+    command += ["serve", "--listen", "127.0.0.1:0", "--registry", rid]
+    command += ["--node-secret-file", str(secret_file)]
+    proc = subprocess.Popen(
+        command, env=sim_env(), stderr=subprocess.PIPE, text=True, cwd=cli.workdir
+    )
+    captured: list[str] = []
+    drain = threading.Thread(
+        target=lambda: captured.extend(proc.stderr or []), daemon=True
+    )
+    try:
+        assert proc.stderr is not None
+        ready: dict[str, object] = {}
+        for _ in range(50):
+            line = proc.stderr.readline()
+            captured.append(line)
+            if '"control_serve_listening"' in line:
+                ready = json.loads(line)
+                break
+        assert ready, "".join(captured)
+        drain.start()
+        host = "cli-two.tencentcloudcr.com"
+        assert ready["registries"] == {host: rid}
+        url = f"http://{ready['listen']}/v1/credentials"
+        good = None
+        for _ in range(100):
+            good = httpx.get(
+                url,
+                params={"registry": host},
+                headers={"Authorization": "Bearer node-secret-for-cli-test"},
+            )
+            if good.status_code != 503:
+                break
+            time.sleep(0.05)
+        assert good is not None
+        assert good.status_code == 200, good.text
+        bad = httpx.get(url, params={"registry": host})
+        assert bad.status_code == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if drain.ident is not None:
+            drain.join(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert proc.returncode == 0
+    token = good.json()["password"]
+    assert token not in "".join(captured)
+    assert token not in cli.audit_log.read_text()
+    cli.outputs += captured
+
+
+def test_no_secret_anywhere(cli: Cli) -> None:
+    """Runs last in this module: every output so far, and the audit log."""
+    assert cli.outputs
+    everything = "".join(cli.outputs) + cli.audit_log.read_text()
+    assert SECRET_KEY not in everything
+    assert "TC3-HMAC-SHA256" not in everything  # no Authorization header either
