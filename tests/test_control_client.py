@@ -708,7 +708,7 @@ async def test_network_error_is_retried_then_raised(
         (200, b"<html>not json</html>", "ClientError.BadResponse", 1),
         (200, b'{"Response": {"TotalCount": 1}}', "ClientError.BadResponse", 1),
         (404, b"", "ClientError.BadResponse", 1),
-        (502, b"bad gateway", "HTTP.502", 3),
+        (502, b"bad gateway", "ClientError.BadResponse", 3),
     ],
 )
 async def test_answers_that_are_not_the_envelope(
@@ -734,6 +734,7 @@ async def test_answers_that_are_not_the_envelope(
             await tcr.call("DescribeInstances")
     assert info.value.code == code
     assert len(seen) == attempts
+    assert info.value.http_status == (None if status == 200 else status)
 
 
 # The on_call hook and secrets.

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcr_mirror.control import _signing
 from tcr_mirror.control.sim import (
@@ -487,3 +489,61 @@ def test_cli_without_keys_is_a_one_line_error() -> None:
     assert done.stderr.strip() == (
         "tcr-mirror: error: environment variable TENCENTCLOUD_SECRET_ID is not set"
     )
+
+
+# Garbage in, a TCR error out: never anything else.
+
+_HEADER_NAMES = st.sampled_from(
+    ["authorization", "content-type", "host", "x-tc-action", "x-tc-version",
+     "x-tc-timestamp", "x-tc-region", "x-tc-token"]
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+    target=st.text(max_size=40).map(lambda text: "/?" + text),
+    headers=st.dictionaries(_HEADER_NAMES, st.text(max_size=60)),
+    body=st.binary(max_size=80),
+)
+def test_verify_turns_garbage_into_tcr_errors(
+    method: str, target: str, headers: dict[str, str], body: bytes
+) -> None:
+    from tcr_mirror.control.sim._verify import verify
+
+    try:
+        verify(
+            method,
+            target,
+            headers,
+            body,
+            keys={SECRET_ID: Key(SECRET_KEY)},
+            actions=ACTIONS,
+            regions={REGION},
+            now=time.time(),
+        )
+    except SimError as exc:
+        assert exc.code
+        assert exc.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    action=st.sampled_from(sorted(ACTIONS)),
+    params=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+        ),
+        max_leaves=12,
+    ),
+)
+def test_actions_turn_garbage_params_into_tcr_errors(action: str, params: Any) -> None:
+    state = _state(FakeClock(), deploy_seconds=0)
+    state.instances.clear()
+    spec = ACTIONS[action]
+    try:
+        spec.handler(state, check(spec.fields, params))
+    except SimError as exc:
+        assert exc.code

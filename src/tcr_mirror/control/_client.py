@@ -97,7 +97,9 @@ class CallRecord:
 
 def _is_retryable(error: TcrError) -> bool:
     if isinstance(error, TcrTransportError):
-        return error.code in _RETRYABLE_TRANSPORT or error.code.startswith("HTTP.5")
+        # A 5xx comes from a gateway in front of TCR, which answers 200 itself.
+        status = error.http_status or 0
+        return error.code in _RETRYABLE_TRANSPORT or status >= 500
     return error.code.startswith(_RETRYABLE_PREFIXES)
 
 
@@ -106,13 +108,13 @@ def parse_envelope(action: str, status: int, body: bytes) -> TcrResponse:
 
     Raises:
         TcrError: The envelope holds ``Response.Error``.
-        TcrTransportError: The status is not 200 (code ``HTTP.<status>``
-            for 5xx, so they are retried; ``ClientError.BadResponse``
-            otherwise) or the body is not the envelope.
+        TcrTransportError: ``ClientError.BadResponse`` when the status is
+            not 200 (``http_status`` set) or the body is not the envelope.
     """
     if status != 200:
-        code = f"HTTP.{status}" if status >= 500 else BAD_RESPONSE
-        raise TcrTransportError(code, f"HTTP status {status}", action=action)
+        raise TcrTransportError(
+            BAD_RESPONSE, f"HTTP status {status}", action=action, http_status=status
+        )
     try:
         envelope = json.loads(body)
         response = envelope["Response"]

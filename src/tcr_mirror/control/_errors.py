@@ -62,5 +62,18 @@ class TcrTransportError(TcrError):
     """No usable TCR answer: network failure, timeout or a malformed reply.
 
     ``code`` is one of ``ClientError.NetworkError``, ``ClientError.Timeout``
-    or ``ClientError.BadResponse``.
+    or ``ClientError.BadResponse``. ``http_status`` is the status of an
+    answer that was not TCR's HTTP 200 (None otherwise).
     """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        action: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(code, message, request_id=request_id, action=action)
+        self.http_status = http_status

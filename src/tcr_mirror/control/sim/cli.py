@@ -59,6 +59,8 @@ def register(subparsers: Any) -> None:
         "--deploy-seconds", type=float, default=SimConfig.deploy_seconds
     )
     parser.add_argument("--seed", type=int, help="make generated ids reproducible")
+    # TODO: add --state-file to save the simulated account on exit and load it
+    # at start; today every start is a fresh account with a fresh signing key.
     parser.set_defaults(func=run)
 
 
