@@ -145,6 +145,35 @@ def test_missing_credentials_is_a_usage_error(cli: Cli) -> None:
     )
 
 
+def test_bad_argument_is_a_usage_error(cli: Cli) -> None:
+    one, two = cli.instances["cli-one"], cli.instances["cli-two"]
+
+    run = cli("replication", "rule", one, two, "--name", "r", "--filter", "oops")
+
+    assert run.code == 2
+    assert run.err.strip() == (
+        "tcr-mirror: error: --filter wants TYPE=VALUE (name, tag, resource): 'oops'"
+    )
+
+
+def test_replication_rule_is_audited(cli: Cli) -> None:
+    one, two = cli.instances["cli-one"], cli.instances["cli-two"]
+
+    run = cli(
+        "replication", "rule", one, two, "--name", "to-two",
+        "--destination-region", "ap-guangzhou", "--filter", "name=team/**",
+    )  # fmt: skip
+
+    assert run.code == 0, run.err
+    (event,) = [
+        json.loads(line)
+        for line in cli.audit_log.read_text().splitlines()
+        if '"eventName":"ManageReplication"' in line
+    ]
+    params = json.loads(event["requestParameters"])
+    assert params["Rule"]["Filters"] == [{"Type": "name", "Value": "team/**"}]
+
+
 def test_endpoint_and_policies(cli: Cli) -> None:
     rid = cli.instances["cli-two"]
 

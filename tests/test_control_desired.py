@@ -396,7 +396,8 @@ async def test_apply_then_apply_again_finds_nothing(tmp_path: Path) -> None:
     from tcr_mirror.control._reconcile import apply, plan
 
     log_path = tmp_path / "audit.jsonl"
-    async with sim_in_process() as sim:
+    # The endpoint takes a moment to open: apply must wait before policies.
+    async with sim_in_process(endpoint_seconds=0.3) as sim:
         rid = sim.simulator.add_instance("source-one")
         dest = sim.simulator.add_instance("dest-one")
         desired = sim_desired(rid, dest, tmp_path / "ci.json")
@@ -405,6 +406,12 @@ async def test_apply_then_apply_again_finds_nothing(tmp_path: Path) -> None:
                 first = await apply(client, desired, poll_interval=0.05)
                 assert first.ok, first.as_json()
                 assert len(first.done) == 7
+                polls = [
+                    e
+                    for e in read_events(log_path)
+                    if e["eventName"] == "DescribeExternalEndpointStatus"
+                ]
+                assert len(polls) >= 3  # one to plan, then waiting for Opened
 
                 rules = rules_from_audit(read_events(log_path))
                 again = await plan(client, desired, applied_rules=rules)

@@ -8,7 +8,7 @@ would show in ``ps`` and shell history). A TCR error is one line,
 ``tcr-mirror: error: <Code>: <message> (RequestId ...)``, and exit status 1.
 
 Most subcommands are one TCR action each and are declared in the tables
-below (:data:`_CALLS`): arguments, how they become the action's parameters,
+below (:data:`CALLS`): arguments, how they become the action's parameters,
 and how the answer reads as text.
 """
 
@@ -23,7 +23,6 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +30,8 @@ import trio
 
 from ..cli import CliError
 from ._audit import AuditLog, audit_hook, query, read_events, redact, verify
-from ._client import CallRecord, TcrClient, TcrResponse
+from ._client import CallRecord, TcrClient
+from ._commands import CALLS, CallCommand, blank
 from ._credentials import CloudCredentials
 from ._errors import TcrError
 from ._serve import ControlMetrics, TokenKeeper, resolve_registries, tcr_issuer
@@ -42,451 +42,6 @@ __all__ = ["register"]
 _DEFAULT_ENDPOINT = "https://tcr.tencentcloudapi.com"
 _DEFAULT_REGION = "ap-guangzhou"
 _DEFAULT_AUDIT_LOG = "tcr-mirror-audit.jsonl"
-
-
-# --- declarative single-action commands ----------------------------------
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One argparse argument: its names and keyword options."""
-
-    names: tuple[str, ...]
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-def arg(*names: str, **options: Any) -> Arg:
-    """Shorthand for :class:`Arg`."""
-    return Arg(names, options)
-
-
-@dataclass(frozen=True)
-class CallCommand:
-    """A subcommand that is exactly one TCR action."""
-
-    name: str
-    help: str
-    action: str
-    args: tuple[Arg, ...]
-    params: Callable[[argparse.Namespace], dict[str, Any]]
-    text: Callable[[TcrResponse], str] | None = None
-
-
-REGISTRY = arg("registry_id", metavar="REGISTRY_ID", help="instance id (tcr-...)")
-
-
-def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[str(_blank(row.get(c))) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = [columns, *cells]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
-
-
-def _blank(value: Any) -> Any:
-    return "-" if value is None or value == "" else value
-
-
-def _rows(key: str, columns: list[str]) -> Callable[[TcrResponse], str]:
-    def show(answer: TcrResponse) -> str:
-        return _table(list(answer.data.get(key) or []), columns)
-
-    return show
-
-
-def _fields(*keys: str) -> Callable[[TcrResponse], str]:
-    def show(answer: TcrResponse) -> str:
-        return "\n".join(f"{k}: {_blank(answer.data.get(k))}" for k in keys)
-
-    return show
-
-
-def _filters(values: list[str] | None) -> list[dict[str, str]]:
-    filters = []
-    for value in values or []:
-        kind, sep, pattern = value.partition("=")
-        if not sep:
-            raise CliError(
-                f"--filter wants TYPE=VALUE (name, tag, resource): {value!r}"
-            )
-        filters.append({"Type": kind, "Value": pattern})
-    return filters
-
-
-def _region_id(name: str) -> int:
-    from ._desired import REGION_IDS
-
-    if name not in REGION_IDS:
-        raise CliError(f"unknown region {name!r}")
-    return REGION_IDS[name]
-
-
-_INSTANCES = (
-    CallCommand(
-        "create",
-        "create an Enterprise instance",
-        "CreateInstance",
-        (
-            arg("--name", required=True),
-            arg("--type", default="basic", choices=("basic", "standard", "premium")),
-            arg("--deletion-protection", action="store_true"),
-        ),
-        lambda a: {
-            "RegistryName": a.name,
-            "RegistryType": a.type,
-            "DeletionProtection": a.deletion_protection,
-        },
-        _fields("RegistryId"),
-    ),
-    CallCommand(
-        "delete",
-        "delete an instance",
-        "DeleteInstance",
-        (REGISTRY, arg("--delete-bucket", action="store_true")),
-        lambda a: {"RegistryId": a.registry_id, "DeleteBucket": a.delete_bucket},
-    ),
-    CallCommand(
-        "list",
-        "list instances",
-        "DescribeInstances",
-        (arg("--all-regions", action="store_true"),),
-        lambda a: {"AllRegion": a.all_regions, "Limit": 100},
-        _rows(
-            "Registries",
-            ["RegistryId", "RegistryName", "Status", "RegionName", "PublicDomain"],
-        ),
-    ),
-    CallCommand(
-        "status",
-        "show the status of instances",
-        "DescribeInstanceStatus",
-        (arg("registry_ids", nargs="+", metavar="REGISTRY_ID"),),
-        lambda a: {"RegistryIds": a.registry_ids},
-        _rows("RegistryStatusSet", ["RegistryId", "Status"]),
-    ),
-)
-
-_TOKENS = (
-    CallCommand(
-        "list",
-        "list long-term tokens",
-        "DescribeInstanceToken",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Limit": 100},
-        _rows("Tokens", ["Id", "Desc", "Enabled", "CreatedAt", "ExpiredAt"]),
-    ),
-    CallCommand(
-        "enable",
-        "enable a long-term token",
-        "ModifyInstanceToken",
-        (REGISTRY, arg("token_id", metavar="TOKEN_ID")),
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "TokenId": a.token_id,
-            "Enable": True,
-            "ModifyFlag": 2,
-        },
-    ),
-    CallCommand(
-        "disable",
-        "disable a long-term token",
-        "ModifyInstanceToken",
-        (REGISTRY, arg("token_id", metavar="TOKEN_ID")),
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "TokenId": a.token_id,
-            "Enable": False,
-            "ModifyFlag": 2,
-        },
-    ),
-    CallCommand(
-        "delete",
-        "delete a long-term token",
-        "DeleteInstanceToken",
-        (REGISTRY, arg("token_id", metavar="TOKEN_ID")),
-        lambda a: {"RegistryId": a.registry_id, "TokenId": a.token_id},
-    ),
-)
-
-_ENDPOINT = (
-    CallCommand(
-        "enable",
-        "open public access",
-        "ManageExternalEndpoint",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Operation": "Create"},
-    ),
-    CallCommand(
-        "disable",
-        "close public access",
-        "ManageExternalEndpoint",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Operation": "Delete"},
-    ),
-    CallCommand(
-        "status",
-        "show public access status",
-        "DescribeExternalEndpointStatus",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id},
-        _fields("Status", "Reason"),
-    ),
-)
-
-_POLICIES = (
-    CallCommand(
-        "add",
-        "allow a CIDR on the public endpoint",
-        "CreateSecurityPolicy",
-        (REGISTRY, arg("cidr", metavar="CIDR"), arg("--description", default="")),
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "CidrBlock": a.cidr,
-            "Description": a.description or "tcr-mirror",
-        },
-    ),
-    CallCommand(
-        "remove",
-        "remove a CIDR from the allowlist",
-        "DeleteSecurityPolicy",
-        (REGISTRY, arg("cidr", metavar="CIDR")),
-        lambda a: {"RegistryId": a.registry_id, "CidrBlock": a.cidr},
-    ),
-    CallCommand(
-        "list",
-        "list the allowlist",
-        "DescribeSecurityPolicies",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id},
-        _rows(
-            "SecurityPolicySet",
-            ["PolicyIndex", "CidrBlock", "Description", "PolicyVersion"],
-        ),
-    ),
-)
-
-_VPC_ARGS = (REGISTRY, arg("--vpc", required=True), arg("--subnet", required=True))
-_VPC = (
-    CallCommand(
-        "attach",
-        "link a VPC subnet to the instance",
-        "ManageInternalEndpoint",
-        _VPC_ARGS,
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "Operation": "Create",
-            "VpcId": a.vpc,
-            "SubnetId": a.subnet,
-        },
-    ),
-    CallCommand(
-        "detach",
-        "remove a VPC link",
-        "ManageInternalEndpoint",
-        _VPC_ARGS,
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "Operation": "Delete",
-            "VpcId": a.vpc,
-            "SubnetId": a.subnet,
-        },
-    ),
-    CallCommand(
-        "list",
-        "list VPC links",
-        "DescribeInternalEndpoints",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id},
-        _rows("AccessVpcSet", ["VpcId", "SubnetId", "Status", "AccessIp"]),
-    ),
-)
-
-_REPLICA = arg("replica_id", metavar="REPLICA_ID")
-_REPLICATION = (
-    CallCommand(
-        "create",
-        "create a replica instance in another region",
-        "CreateReplicationInstance",
-        (REGISTRY, arg("--replica-region", required=True, metavar="REGION")),
-        lambda a: {
-            "RegistryId": a.registry_id,
-            "ReplicationRegionId": _region_id(a.replica_region),
-            "ReplicationRegionName": a.replica_region,
-        },
-        _fields("ReplicationRegistryId"),
-    ),
-    CallCommand(
-        "delete",
-        "delete a replica instance",
-        "DeleteReplicationInstance",
-        (REGISTRY, _REPLICA),
-        lambda a: {"RegistryId": a.registry_id, "ReplicationRegistryId": a.replica_id},
-    ),
-    CallCommand(
-        "list",
-        "list replica instances",
-        "DescribeReplicationInstances",
-        (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Limit": 100},
-        _rows(
-            "ReplicationRegistries",
-            ["ReplicationRegistryId", "ReplicationRegionName", "Status", "CreatedAt"],
-        ),
-    ),
-    CallCommand(
-        "status",
-        "show a replica's sync status",
-        "DescribeReplicationInstanceSyncStatus",
-        (REGISTRY, _REPLICA),
-        lambda a: {"RegistryId": a.registry_id, "ReplicationRegistryId": a.replica_id},
-        _fields("ReplicationStatus", "ReplicationTime"),
-    ),
-    CallCommand(
-        "rule",
-        "create or update a replication rule to another instance",
-        "ManageReplication",
-        (
-            arg("source", metavar="SOURCE_REGISTRY_ID"),
-            arg("destination", metavar="DESTINATION_REGISTRY_ID"),
-            arg("--name", required=True),
-            arg("--destination-region", metavar="REGION"),
-            arg("--dest-namespace", default=""),
-            arg("--filter", action="append", metavar="TYPE=VALUE"),
-            arg("--override", action="store_true"),
-            arg("--deletion", action="store_true"),
-            arg("--description", default=""),
-        ),
-        lambda a: {
-            "SourceRegistryId": a.source,
-            "DestinationRegistryId": a.destination,
-            **(
-                {"DestinationRegionId": _region_id(a.destination_region)}
-                if a.destination_region
-                else {}
-            ),
-            "Description": a.description,
-            "Rule": {
-                "Name": a.name,
-                "DestNamespace": a.dest_namespace,
-                "Override": a.override,
-                "Deletion": a.deletion,
-                "Filters": _filters(a.filter),
-            },
-        },
-    ),
-)
-
-_NAMESPACE = arg("namespace", metavar="NAMESPACE")
-_NAMESPACES = (
-    CallCommand(
-        "create",
-        "create a Personal namespace",
-        "CreateNamespacePersonal",
-        (_NAMESPACE,),
-        lambda a: {"Namespace": a.namespace},
-    ),
-    CallCommand(
-        "delete",
-        "delete a Personal namespace",
-        "DeleteNamespacePersonal",
-        (_NAMESPACE,),
-        lambda a: {"Namespace": a.namespace},
-    ),
-    CallCommand(
-        "list",
-        "list Personal namespaces",
-        "DescribeNamespacePersonal",
-        (arg("--match", default="", help="substring of the name"),),
-        lambda a: {"Namespace": a.match, "Limit": 100, "Offset": 0},
-        lambda r: _table(
-            list((r.data.get("Data") or {}).get("NamespaceInfo") or []),
-            ["Namespace", "RepoCount", "CreationTime"],
-        ),
-    ),
-)
-
-_REPO = arg("repository", metavar="NAMESPACE/REPO")
-_REPOSITORIES = (
-    CallCommand(
-        "delete",
-        "delete a Personal repository",
-        "DeleteRepositoryPersonal",
-        (_REPO,),
-        lambda a: {"RepoName": a.repository},
-    ),
-    CallCommand(
-        "batch-delete",
-        "delete several Personal repositories",
-        "BatchDeleteRepositoryPersonal",
-        (arg("repositories", nargs="+", metavar="NAMESPACE/REPO"),),
-        lambda a: {"RepoNames": a.repositories},
-    ),
-)
-
-_TAGS = (
-    CallCommand(
-        "delete",
-        "delete a tag of a Personal repository",
-        "DeleteImagePersonal",
-        (_REPO, arg("tag", metavar="TAG")),
-        lambda a: {"RepoName": a.repository, "Tag": a.tag},
-    ),
-    CallCommand(
-        "batch-delete",
-        "delete several tags of a Personal repository",
-        "BatchDeleteImagePersonal",
-        (_REPO, arg("tags", nargs="+", metavar="TAG")),
-        lambda a: {"RepoName": a.repository, "Tags": a.tags},
-    ),
-)
-
-_LIFECYCLE = (
-    CallCommand(
-        "set",
-        "set the Personal global cleanup policy",
-        "ManageImageLifecycleGlobalPersonal",
-        (
-            arg("--keep", required=True, choices=("last-days", "last-nums")),
-            arg("--value", required=True, type=int),
-        ),
-        lambda a: {"Type": f"global_keep_{a.keep.replace('-', '_')}", "Val": a.value},
-    ),
-    CallCommand(
-        "show",
-        "show the Personal global cleanup policy",
-        "DescribeImageLifecycleGlobalPersonal",
-        (),
-        lambda a: {},
-        lambda r: _table(
-            list((r.data.get("Data") or {}).get("StrategyInfo") or []),
-            ["Type", "Value", "Valid", "CreationTime"],
-        ),
-    ),
-    CallCommand(
-        "delete",
-        "delete the Personal global cleanup policy",
-        "DeleteImageLifecycleGlobalPersonal",
-        (),
-        lambda a: {},
-    ),
-)
-
-_CALLS: tuple[tuple[str, str, tuple[CallCommand, ...]], ...] = (
-    ("instances", "Enterprise instances", _INSTANCES),
-    ("tokens", "instance access tokens", _TOKENS),
-    ("endpoint", "public endpoint", _ENDPOINT),
-    ("policies", "public endpoint allowlist", _POLICIES),
-    ("vpc", "VPC endpoints", _VPC),
-    ("replication", "replica instances and replication rules", _REPLICATION),
-    ("namespaces", "Personal namespaces", _NAMESPACES),
-    ("repositories", "Personal repositories", _REPOSITORIES),
-    ("tags", "Personal image tags", _TAGS),
-    ("lifecycle", "Personal global cleanup policy", _LIFECYCLE),
-)
 
 
 # --- parser --------------------------------------------------------------
@@ -529,7 +84,7 @@ def register(subparsers: Any) -> None:
         "Every call is recorded in the audit log.",
     )
     families = control.add_subparsers(dest="family", metavar="COMMAND", required=True)
-    for family, help_text, commands in _CALLS:
+    for family, help_text, commands in CALLS:
         parser = families.add_parser(family, help=help_text, description=help_text)
         leaves = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
         if family == "tokens":
@@ -711,14 +266,22 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if args.output == "json":
-        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    else:
-        print(text)
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, and keep the interpreter
+        # from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _call_command(command: CallCommand) -> Handler:
     async def handle(session: Session, args: argparse.Namespace) -> int:
-        answer = await session.client().call(command.action, command.params(args))
+        try:
+            params = command.params(args)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        answer = await session.client().call(command.action, params)
         data = {**redact(answer.data), "RequestId": answer.request_id}
         if command.text is not None:
             text = command.text(answer)
@@ -961,9 +524,9 @@ def _audit_query(args: argparse.Namespace) -> int:
         )
     lines = [
         f"{_iso(e.get('eventTime', 0))}  {e.get('eventName', '?'):<36} "
-        f"{_blank(e.get('resourceName'))!s:<16} "
+        f"{blank(e.get('resourceName'))!s:<16} "
         f"{'OK' if e.get('errorCode') in (0, '0', '') else e.get('errorCode')}  "
-        f"{_blank(e.get('requestID'))}"
+        f"{blank(e.get('requestID'))}"
         for e in events
     ]
     _emit(args, events, "\n".join(lines) if lines else "(no events)")
