@@ -278,6 +278,29 @@ def test_corrupted_byte_never_completes_and_is_fetched_again(
     assert proxy.count("GET", blob_path(digest)) == 2
 
 
+def test_clients_joined_to_a_failing_fetch_all_see_it_fail(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage
+) -> None:
+    digest, data = layer(image)
+    # The stall keeps the fetch in flight for a read timeout, so the second
+    # client joins it; the resume then gets a wrong range and fails it.
+    proxy.add_fault(Fault(FaultKind.STALL_BODY, times=1, after=MIB, seconds=30))
+    proxy.add_fault(Fault(FaultKind.WRONG_RANGE))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(pull, blob_url(node, digest))
+        wait_for_request(proxy, "GET", blob_path(digest))
+        second = pool.submit(pull, blob_url(node, digest))
+        pulled = [first.result(CLIENT_TIMEOUT), second.result(CLIENT_TIMEOUT)]
+
+    for one in pulled:
+        assert_no_complete_body(one, len(data))
+    ranges = [r.range for r in proxy.requests if r.path == blob_path(digest)]
+    assert ranges == [None, f"bytes={MIB}-"], "one fetch for both clients"
+    assert stored_files(node) == []
+    assert_serves(node, proxy, image)
+
+
 # Stalls.
 
 
