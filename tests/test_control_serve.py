@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -250,8 +251,12 @@ def test_respond_is_sans_io() -> None:
 # --- against the simulator -----------------------------------------------
 
 
-async def test_sim_tokens_reach_nodes_and_log_in(tmp_path: object) -> None:
-    from support.control_sim import sim_in_process
+async def test_sim_tokens_reach_nodes_and_log_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from support.control_sim import SECRET_KEY, sim_in_process
+
+    caplog.set_level(logging.DEBUG)
     from tcr_mirror.control._serve import resolve_registries, tcr_issuer
 
     async with sim_in_process() as sim:
@@ -299,6 +304,9 @@ async def test_sim_tokens_reach_nodes_and_log_in(tmp_path: object) -> None:
                     assert counter in text
                     assert body["password"] not in text
                 nursery.cancel_scope.cancel()
+    assert "token_renewed" in caplog.text
+    for secret in (str(body["password"]), SECRET_KEY, SECRET):
+        assert secret not in caplog.text
 
 
 async def poll_credentials(

@@ -321,6 +321,8 @@ def audit_hook(
     """
 
     def on_call(call: CallRecord) -> None:
+        # TODO: the write and fsync block the trio loop for a moment per
+        # call; move them to a worker thread if serve ever makes many calls.
         log.append(event_from_call(call, secret_id=secret_id, source_ip=source_ip))
 
     return on_call

@@ -310,6 +310,8 @@ def rules_from_audit(
         A function for :func:`observe`'s ``applied_rules``: the last rule
         applied per (destination registry id, rule name).
     """
+    # TODO: rules changed or deleted outside tcr-mirror (console, other
+    # tools) are invisible here; read them from TCR once an action lists them.
     table: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
     for event in events:
         if event.get("eventName") != "ManageReplication" or event.get("errorCode"):
