@@ -6,6 +6,9 @@ Example ``node.toml``::
     data_dir = "/var/lib/tcr-mirror"
     metrics_listen = "127.0.0.1:9500"
     tag_ttl = 5.0
+    max_store_bytes = "50GiB"     # evict least recently used blobs past it
+    store_high_watermark = 0.90   # start evicting at this share of the budget
+    store_low_watermark = 0.80    # ...and stop at this one
 
     [[upstreams]]
     url = "https://example.tencentcloudcr.com"
@@ -32,7 +35,13 @@ from urllib.parse import urlsplit
 
 from tcr_mirror.proxy._auth import Credentials
 
-__all__ = ["ConfigError", "NodeConfig", "UpstreamConfig", "parse_host_port"]
+__all__ = [
+    "ConfigError",
+    "NodeConfig",
+    "UpstreamConfig",
+    "parse_host_port",
+    "parse_size",
+]
 
 
 class ConfigError(ValueError):
@@ -57,6 +66,9 @@ class NodeConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     log_level: str = "info"
+    max_store_bytes: int | None = None
+    store_high_watermark: float = 0.90
+    store_low_watermark: float = 0.80
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -86,11 +98,17 @@ class NodeConfig:
                 changes[key] = _seconds(key, value)
             elif key == "log_level":
                 changes[key] = _str(key, value)
+            elif key == "max_store_bytes":
+                changes[key] = parse_size(value)
+            elif key in ("store_high_watermark", "store_low_watermark"):
+                changes[key] = _fraction(key, value)
             else:
                 raise ConfigError(f"unknown config key {key!r}")
         return replace(self, **changes).validated()
 
     def validated(self) -> NodeConfig:
+        if not 0 < self.store_low_watermark <= self.store_high_watermark <= 1:
+            raise ConfigError("watermarks must satisfy 0 < low <= high <= 1")
         defaults = [up for up in self.upstreams if up.default]
         if len(defaults) > 1:
             raise ConfigError("more than one default upstream")
@@ -101,6 +119,32 @@ class NodeConfig:
                 f"upstream namespace given twice: {sorted(duplicates)[0]}"
             )
         return self
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """Parse a byte count: an integer, or a string such as ``"50GiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = _SIZE_UNITS.get(text[len(number) :])
+        try:
+            size = float(number) * unit if unit else 0
+        except ValueError:
+            size = 0
+        if size >= 1:
+            return int(size)
+    raise ConfigError(f"expected a size such as 50GiB, got {value!r}")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -188,6 +232,12 @@ def _str(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} must be a non-empty string")
     return value
+
+
+def _fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number between 0 and 1")
+    return float(value)
 
 
 def _seconds(key: str, value: Any) -> float:

@@ -17,7 +17,7 @@ from tcr_mirror.proxy._config import NodeConfig
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._http import HttpServer, Request, Response
 from tcr_mirror.proxy._mirror import Mirror, Upstreams
-from tcr_mirror.proxy._store import BlobStore
+from tcr_mirror.proxy._store import BlobStore, StoreBudget
 from tcr_mirror.proxy._upstream import StaticCredentials, Upstream, UpstreamTimeouts
 
 __all__ = ["run_node", "serve_until_signal"]
@@ -53,7 +53,10 @@ async def run_node(
 
     Reports ``(host, port)`` of the bound listener through ``task_status``.
     """
-    store = BlobStore(config.data_dir)
+    budget = StoreBudget(
+        config.max_store_bytes, config.store_high_watermark, config.store_low_watermark
+    )
+    store = BlobStore(config.data_dir, budget)
     recovered = store.recover()
     logger.info(
         "store_recovered", extra={"data_dir": str(config.data_dir), **recovered}

@@ -23,6 +23,7 @@ the asked ``206`` fails the fetch.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -32,7 +33,12 @@ from pathlib import Path
 import httpx
 import trio
 
-from tcr_mirror.proxy._errors import BlobUnknown, RegistryError, UpstreamUnavailable
+from tcr_mirror.proxy._errors import (
+    BlobUnknown,
+    RegistryError,
+    StoreFull,
+    UpstreamUnavailable,
+)
 from tcr_mirror.proxy._oci import Digest
 from tcr_mirror.proxy._store import BlobStore
 from tcr_mirror.proxy._upstream import Upstream, status_error
@@ -174,16 +180,18 @@ class BlobFetcher:
             fetch.path = self._store.commit_blob(fetch.digest, fetch.path, fetch.size)
             fetch.done = True
             logger.info("blob_fetch_done", extra={**log, "size": fetch.size})
-        except RegistryError as exc:
-            fetch.error = exc
-            logger.warning("blob_fetch_failed", extra={**log, "reason": exc.message})
         except Exception as exc:
-            fetch.error = UpstreamUnavailable(f"fetch failed: {type(exc).__name__}")
-            logger.exception("blob_fetch_crashed", extra=log)
+            fetch.error = _as_registry_error(exc, fetch.digest)
+            if isinstance(exc, RegistryError | OSError):
+                reason = fetch.error.message
+                logger.warning("blob_fetch_failed", extra={**log, "reason": reason})
+            else:
+                logger.exception("blob_fetch_crashed", extra=log)
         finally:
             os.close(fd)
             if not fetch.done:
                 fetch.path.unlink(missing_ok=True)
+                self._store.unreserve(fetch.digest)
             del self._fetches[fetch.digest]
             fetch.notify()
 
@@ -199,7 +207,11 @@ class BlobFetcher:
                 async with upstream.request(
                     "GET", path, repository=repository, headers=headers
                 ) as response:
+                    first = fetch.size is None
                     _check_response(response, fetch, upstream.key)
+                    if first:
+                        assert fetch.size is not None
+                        self._store.reserve(fetch.digest, fetch.size)
                     fetch.notify()
                     await _absorb(response, fetch, fd, hasher)
             except (httpx.TransportError, httpx.StreamError) as exc:
@@ -220,6 +232,14 @@ class BlobFetcher:
             raise UpstreamUnavailable(
                 f"upstream {upstream.key} sent bytes that do not match {fetch.digest}"
             )
+
+
+def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"no space left on the node for blob {digest}")
+    return UpstreamUnavailable(f"fetch of {digest} failed: {type(exc).__name__}")
 
 
 async def _absorb(

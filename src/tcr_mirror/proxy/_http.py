@@ -49,13 +49,15 @@ class Request:
 class FileBody:
     """A response body sent from a file descriptor, which the server closes.
 
-    ``fetch`` is set when the file is a blob still being fetched.
+    ``fetch`` is set when the file is a blob still being fetched;
+    ``release`` is called once the body is done with (sent or not).
     """
 
     fd: int
     offset: int
     length: int
     fetch: BlobFetch | None = None
+    release: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         # h11 counts the bytes of a Data event with len().
@@ -251,6 +253,8 @@ async def _send_response(
     finally:
         if isinstance(body, FileBody):
             os.close(body.fd)
+            if body.release is not None:
+                body.release()
 
 
 async def _send_file(stream: trio.SocketStream, body: FileBody) -> None:

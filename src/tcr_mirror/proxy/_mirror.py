@@ -10,6 +10,7 @@ upstream cannot be reached the last known digest is served
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -283,7 +284,7 @@ class Mirror:
             opened = self._store.open_blob(digest)
             if opened is not None:
                 fd, size = opened
-                return _blob_response(request, digest, fd, size)
+                return self._blob_response(request, digest, fd, size)
             if request.method == "HEAD":
                 return await self._head_blob(route, upstream, digest)
             fetch = self._fetcher.fetch(upstream, route.name, digest)
@@ -294,10 +295,32 @@ class Mirror:
         except BaseException:
             os.close(fd)
             raise
-        response = _blob_response(request, digest, fd, size)
+        response = self._blob_response(request, digest, fd, size)
         if isinstance(response.body, FileBody):
             response.body.fetch = fetch
         return response
+
+    def _blob_response(
+        self, request: Request, digest: Digest, fd: int, size: int
+    ) -> Response:
+        """A 200 or 206 for a blob of ``size`` bytes readable from ``fd``.
+
+        The blob counts as read, so never evicted, until the body is done.
+        """
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except RegistryError:
+            os.close(fd)
+            raise
+        self._store.acquire_reader(digest)
+        headers = _blob_headers(digest)
+        if byte_range is None:
+            first, length, status = 0, size, 200
+        else:
+            headers.append(("Content-Range", byte_range.content_range(size)))
+            first, length, status = byte_range.first, byte_range.length, 206
+        release = functools.partial(self._store.release_reader, digest)
+        return Response(status, headers, FileBody(fd, first, length, release=release))
 
     async def _head_blob(
         self, route: Route, upstream: Upstream, digest: Digest
@@ -345,20 +368,6 @@ def _blob_headers(digest: Digest) -> list[tuple[str, str]]:
         ("Accept-Ranges", "bytes"),
         _API_VERSION,
     ]
-
-
-def _blob_response(request: Request, digest: Digest, fd: int, size: int) -> Response:
-    """A 200 or 206 for a blob of ``size`` bytes readable from ``fd``."""
-    try:
-        byte_range = parse_range(request.headers.get("range"), size)
-    except RegistryError:
-        os.close(fd)
-        raise
-    headers = _blob_headers(digest)
-    if byte_range is None:
-        return Response(200, headers, FileBody(fd, 0, size))
-    headers.append(("Content-Range", byte_range.content_range(size)))
-    return Response(206, headers, FileBody(fd, byte_range.first, byte_range.length))
 
 
 def _upstream_accept(accept: str) -> str:

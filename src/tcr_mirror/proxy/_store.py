@@ -8,6 +8,12 @@ Layout under the data directory::
     index/                               LMDB: blob sizes and last access,
                                          manifests by digest, the tag cache
 
+The store keeps to a byte budget with two watermarks: when the blobs held
+plus those being fetched pass the high watermark, least recently used blobs
+are evicted until they are under the low one. A blob with a reader or a
+fetch in flight is never evicted; when no room can be made the fetch is
+refused with :class:`StoreFull`.
+
 A blob file appears under ``blobs/`` only by ``rename`` after its bytes were
 verified and fsynced, and its index entry is written after the rename. So a
 crash can leave a verified file without an index entry (re-indexed on
@@ -19,7 +25,9 @@ power cut may lose is rebuilt by :meth:`BlobStore.recover` or fetched again.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import struct
 import time
@@ -29,13 +37,31 @@ from pathlib import Path
 
 import lmdb
 
-from tcr_mirror.proxy._oci import Digest
+from tcr_mirror.proxy._errors import RegistryError, StoreFull
+from tcr_mirror.proxy._oci import Digest, parse_digest
 
-__all__ = ["BlobEntry", "BlobStore", "TagEntry"]
+__all__ = ["BlobEntry", "BlobStore", "StoreBudget", "TagEntry"]
+
+logger = logging.getLogger(__name__)
 
 # size, last access, time stored
 _BLOB_RECORD = struct.Struct("<Qdd")
 _MAP_SIZE = 1 << 32
+
+
+@dataclass(frozen=True)
+class StoreBudget:
+    """How many bytes of blobs the store may hold.
+
+    Attributes:
+        max_bytes: The hard limit; None for no limit.
+        high: Fraction of ``max_bytes`` that starts eviction.
+        low: Fraction of ``max_bytes`` eviction brings the store down to.
+    """
+
+    max_bytes: int | None = None
+    high: float = 0.90
+    low: float = 0.80
 
 
 @dataclass(frozen=True)
@@ -63,8 +89,9 @@ class BlobStore:
     thread, and hands only file descriptors to worker threads.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, budget: StoreBudget | None = None) -> None:
         self.root = Path(root)
+        self.budget = budget or StoreBudget()
         self.tmp_dir = self.root / "tmp"
         for directory in (self.root / "blobs", self.tmp_dir, self.root / "index"):
             directory.mkdir(parents=True, exist_ok=True)
@@ -79,6 +106,11 @@ class BlobStore:
         self._manifests = self._env.open_db(b"manifests")
         self._tags = self._env.open_db(b"tags")
         self._temp_serial = 0
+        self._used = sum(entry.size for _, entry in self.blobs())
+        self._reserved: dict[Digest, int] = {}
+        self._readers: collections.Counter[Digest] = collections.Counter()
+        self.evictions = 0
+        self.evicted_bytes = 0
 
     def close(self) -> None:
         self._env.sync(True)
@@ -128,7 +160,70 @@ class BlobStore:
         os.rename(temp_path, final)
         now = time.time()
         self._put_blob(digest, BlobEntry(size, now, now))
+        self._reserved.pop(digest, None)
+        self._used += size
         return final
+
+    # -- budget -------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of stored blobs plus those reserved by fetches in flight."""
+        return self._used + sum(self._reserved.values())
+
+    def reserve(self, digest: Digest, size: int) -> None:
+        """Make room for a blob about to be fetched, evicting if needed.
+
+        Raises:
+            StoreFull: The blob cannot fit even after evicting every blob
+                not in use.
+        """
+        limit = self.budget.max_bytes
+        self._reserved[digest] = size
+        if limit is None or self.used_bytes <= limit * self.budget.high:
+            return
+        self.evict_to(int(limit * self.budget.low))
+        if self.used_bytes > limit:
+            del self._reserved[digest]
+            raise StoreFull(
+                f"no room for blob {digest} ({size} bytes) in a store of "
+                f"{limit} bytes with {self._used} bytes in use"
+            )
+
+    def unreserve(self, digest: Digest) -> None:
+        """Give back the room of a fetch that failed."""
+        self._reserved.pop(digest, None)
+
+    def acquire_reader(self, digest: Digest) -> None:
+        self._readers[digest] += 1
+
+    def release_reader(self, digest: Digest) -> None:
+        self._readers[digest] -= 1
+        if self._readers[digest] <= 0:
+            del self._readers[digest]
+
+    def evict_to(self, target: int) -> int:
+        """Evict least recently used idle blobs until at most ``target`` bytes.
+
+        Returns:
+            The bytes freed.
+        """
+        freed = 0
+        candidates = sorted(self.blobs(), key=lambda item: item[1].last_access)
+        for key, entry in candidates:
+            if self.used_bytes <= target:
+                break
+            digest = parse_digest(key)
+            if self._readers[digest] or digest in self._reserved:
+                continue
+            self._forget_blob(digest)
+            self.blob_path(digest).unlink(missing_ok=True)
+            self._used -= entry.size
+            freed += entry.size
+            self.evictions += 1
+            self.evicted_bytes += entry.size
+            logger.info("blob_evicted", extra={"digest": key, "size": entry.size})
+        return freed
 
     def blobs(self) -> Iterator[tuple[str, BlobEntry]]:
         with self._env.begin(db=self._blobs) as txn:
@@ -209,11 +304,16 @@ class BlobStore:
 
         for path in (self.root / "blobs").glob("*/*/*"):
             key = f"{path.parent.parent.name}:{path.name}"
-            if key not in indexed:
-                digest = Digest(path.parent.parent.name, path.name)
-                now = time.time()
-                self._put_blob(digest, BlobEntry(path.stat().st_size, now, now))
-                counts["files_indexed"] += 1
+            if key in indexed:
+                continue
+            try:
+                digest = parse_digest(key)
+            except RegistryError:
+                continue
+            now = time.time()
+            self._put_blob(digest, BlobEntry(path.stat().st_size, now, now))
+            counts["files_indexed"] += 1
+        self._used = sum(entry.size for _, entry in self.blobs())
         return counts
 
 

@@ -15,6 +15,7 @@ from tcr_mirror.proxy._config import (
     ConfigError,
     NodeConfig,
     parse_host_port,
+    parse_size,
     parse_upstream_flag,
     read_credentials_file,
 )
@@ -57,6 +58,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--tag-ttl", type=float, metavar="SECONDS", help="trust a tag this long (5)"
     )
+    parser.add_argument(
+        "--max-store-bytes",
+        metavar="SIZE",
+        help="store budget, e.g. 50GiB; least recently used blobs are evicted "
+        "past the high watermark down to the low one (no limit by default)",
+    )
+    parser.add_argument(
+        "--store-watermarks",
+        metavar="HIGH,LOW",
+        help="fractions of the budget that start and stop eviction (0.9,0.8)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, metavar="SECONDS", help="upstream (5)"
+    )
+    parser.add_argument(
+        "--read-timeout", type=float, metavar="SECONDS", help="upstream (30)"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_run)
 
@@ -84,6 +102,18 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         changes["tag_ttl"] = args.tag_ttl
     if args.log_level:
         changes["log_level"] = args.log_level
+    if args.max_store_bytes:
+        changes["max_store_bytes"] = parse_size(args.max_store_bytes)
+    if args.store_watermarks:
+        high, _, low = args.store_watermarks.partition(",")
+        try:
+            changes["store_high_watermark"] = float(high)
+            changes["store_low_watermark"] = float(low)
+        except ValueError as exc:
+            raise ConfigError("--store-watermarks takes HIGH,LOW fractions") from exc
+    for key in ("connect_timeout", "read_timeout"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
     if args.upstream:
         changes["upstreams"] = tuple(parse_upstream_flag(u) for u in args.upstream)
     config = replace(config, **changes)
