@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.images import (
     PushedArtifact,
@@ -466,3 +467,57 @@ def test_restart_serves_from_disk_and_sigterm_exits_zero(
         response = httpx.get(f"{again.url}/v2/app/blobs/{digest}")
         assert sha256(response.content) == digest
     assert again.stop() == 0
+
+
+def test_metrics_health_and_request_logs(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    image = push_image(registry, "app", "v1", layers=[b"x" * 100_000])
+    digest, layer = image.layers[0]
+    node = node_factory("--upstream", registry.url, "--metrics-listen", "127.0.0.1:0")
+    address = next(
+        e["address"] for e in node.events() if e.get("event") == "metrics_listening"
+    )
+    for _ in range(2):
+        assert httpx.get(f"{node.url}/v2/app/blobs/{digest}").content == layer
+    httpx.get(f"{node.url}/v2/app/blobs/sha256:bad")
+
+    assert httpx.get(f"http://{address}/healthz").status_code == 200
+    assert httpx.get(f"http://{address}/readyz").status_code == 200
+    scraped = httpx.get(f"http://{address}/metrics").text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    get_blob = {"kind": "blob", "method": "GET"}
+    assert value("tcr_mirror_requests_total", **get_blob, status="200") == 2
+    assert (
+        value("tcr_mirror_requests_total", kind="invalid", method="GET", status="400")
+        == 1
+    )
+    assert value("tcr_mirror_cache_results_total", kind="blob", result="miss") == 1
+    assert value("tcr_mirror_cache_results_total", kind="blob", result="hit") == 1
+    served = value("tcr_mirror_served_bytes_total", source="store") + value(
+        "tcr_mirror_served_bytes_total", source="upstream"
+    )
+    assert served == 2 * len(layer)
+    upstream = {"upstream": registry.host, "status": "200"}
+    assert value("tcr_mirror_upstream_requests_total", **upstream) == 1
+    assert value("tcr_mirror_store_bytes") == len(layer)
+    assert value("tcr_mirror_blob_fetches_in_flight") == 0
+    assert value("tcr_mirror_blob_fetch_waiting_clients") == 0
+    assert (
+        value(
+            "tcr_mirror_upstream_last_success_timestamp_seconds", upstream=registry.host
+        )
+        > 0
+    )
+
+    requests = [e for e in node.events() if e.get("event") == "request"]
+    assert len(requests) == 3
+    assert {e["status"] for e in requests} == {200, 400}

@@ -11,11 +11,13 @@ import logging
 import signal
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tcr_mirror import __version__
 from tcr_mirror.proxy._config import NodeConfig
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._http import HttpServer, Request, Response
+from tcr_mirror.proxy._metrics import MirrorMetrics, StoreCollector
 from tcr_mirror.proxy._mirror import Mirror, Upstreams
 from tcr_mirror.proxy._store import BlobStore, StoreBudget
 from tcr_mirror.proxy._upstream import StaticCredentials, Upstream, UpstreamTimeouts
@@ -25,7 +27,7 @@ __all__ = ["run_node", "serve_until_signal"]
 logger = logging.getLogger(__name__)
 
 
-def build_upstreams(config: NodeConfig) -> Upstreams:
+def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
     timeouts = UpstreamTimeouts(config.connect_timeout, config.read_timeout)
     upstreams = []
     default = None
@@ -37,6 +39,7 @@ def build_upstreams(config: NodeConfig) -> Upstreams:
             credentials=source,
             timeouts=timeouts,
             user_agent=f"tcr-mirror/{__version__}",
+            metrics=metrics,
         )
         upstreams.append(upstream)
         if up.default:
@@ -61,17 +64,27 @@ async def run_node(
     logger.info(
         "store_recovered", extra={"data_dir": str(config.data_dir), **recovered}
     )
-    upstreams = build_upstreams(config)
+    metrics = MirrorMetrics()
+    upstreams = build_upstreams(config, metrics)
     try:
         async with trio.open_nursery() as nursery:
             fetcher = BlobFetcher(store, nursery)
-            mirror = Mirror(store, fetcher, upstreams, tag_ttl=config.tag_ttl)
+            metrics.registry.register(_store_collector(store, fetcher))
+            mirror = Mirror(
+                store, fetcher, upstreams, tag_ttl=config.tag_ttl, metrics=metrics
+            )
+            served = metrics.served_bytes
+
+            def on_sent(source: str, sent: int) -> None:
+                served.labels(source).inc(sent)
+
             host, port = config.listen
             listeners = await trio.open_tcp_listeners(port, host=host)
-            await nursery.start(HttpServer(mirror.handle).serve, listeners)
+            server = HttpServer(mirror.handle, on_sent=on_sent)
+            await nursery.start(server.serve, listeners)
             bound = listeners[0].socket.getsockname()[:2]
             if config.metrics_listen is not None:
-                await _start_metrics(nursery, config.metrics_listen)
+                await _start_metrics(nursery, config.metrics_listen, metrics)
             logger.info(
                 "node_listening",
                 extra={
@@ -86,16 +99,30 @@ async def run_node(
         store.close()
 
 
-async def _start_metrics(nursery: trio.Nursery, address: tuple[str, int]) -> None:
+def _store_collector(store: BlobStore, fetcher: BlobFetcher) -> StoreCollector:
+    return StoreCollector(
+        used_bytes=lambda: store.used_bytes,
+        budget_bytes=lambda: store.budget.max_bytes,
+        evictions=lambda: (store.evictions, store.evicted_bytes),
+        fetches_in_flight=lambda: fetcher.statistics()["in_flight"],
+    )
+
+
+async def _start_metrics(
+    nursery: trio.Nursery, address: tuple[str, int], metrics: MirrorMetrics
+) -> None:
     async def handle(request: Request) -> Response:
         path = request.target.partition("?")[0]
         if path in ("/healthz", "/readyz"):
             return Response(200, [("Content-Type", "text/plain")], b"ok\n")
+        if path == "/metrics":
+            body = generate_latest(metrics.registry)
+            return Response(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)
         return Response(404, [("Content-Type", "text/plain")], b"not found\n")
 
     host, port = address
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await nursery.start(HttpServer(handle).serve, listeners)
+    await nursery.start(HttpServer(handle, log_requests=False).serve, listeners)
     bound = listeners[0].socket.getsockname()[:2]
     logger.info("metrics_listening", extra={"address": f"{bound[0]}:{bound[1]}"})
 

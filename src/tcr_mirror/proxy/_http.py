@@ -80,10 +80,22 @@ class HttpServer:
     Args:
         handler: Answers one request; a :class:`RegistryError` it raises is
             answered as OCI error JSON.
+        on_sent: Called with ``(source, bytes)`` as file bodies go out;
+            the source is ``upstream`` for a blob still being fetched and
+            ``store`` otherwise.
+        log_requests: Log each request at debug level (off for probes).
     """
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        on_sent: Callable[[str, int], None] | None = None,
+        log_requests: bool = True,
+    ) -> None:
         self._handler = handler
+        self._on_sent = on_sent or _ignore
+        self._log_requests = log_requests
 
     async def serve(
         self,
@@ -121,8 +133,15 @@ class HttpServer:
                 return
             request = _to_request(event)
             await _drain_body(connection, stream)
+            started = trio.current_time()
             response = await self._respond(request)
-            await _send_response(connection, stream, request, response)
+            try:
+                await _send_response(
+                    connection, stream, request, response, self._on_sent
+                )
+            finally:
+                if self._log_requests:
+                    _log_request(request, response, trio.current_time() - started)
             if connection.our_state is not h11.DONE:
                 return
             if connection.their_state is not h11.DONE:
@@ -220,11 +239,33 @@ async def _send_protocol_error(
         return
 
 
+def _ignore(source: str, sent: int) -> None:
+    pass
+
+
+def _log_request(request: Request, response: Response, seconds: float) -> None:
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    # The target holds no secret (credentials travel in headers, which are
+    # never logged).
+    logger.debug(
+        "request",
+        extra={
+            "method": request.method,
+            "target": request.target[:300],
+            "status": response.status,
+            "bytes": len(response.body),
+            "seconds": round(seconds, 6),
+        },
+    )
+
+
 async def _send_response(
     connection: h11.Connection,
     stream: trio.SocketStream,
     request: Request,
     response: Response,
+    on_sent: Callable[[str, int], None],
 ) -> None:
     body = response.body
     try:
@@ -248,7 +289,7 @@ async def _send_response(
             # Passthrough lets h11 frame bytes it never sees: it only takes
             # len() of the body, and sendfile moves them.
             connection.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[arg-type]
-            await _send_file(stream, body)
+            await _send_file(stream, body, on_sent)
             await stream.send_all(connection.send(h11.EndOfMessage()))
     finally:
         if isinstance(body, FileBody):
@@ -257,14 +298,19 @@ async def _send_response(
                 body.release()
 
 
-async def _send_file(stream: trio.SocketStream, body: FileBody) -> None:
+async def _send_file(
+    stream: trio.SocketStream, body: FileBody, on_sent: Callable[[str, int], None]
+) -> None:
     sock = stream.socket
+    source = "store" if body.fetch is None else "upstream"
     position, end = body.offset, body.offset + body.length
     while position < end:
         limit = end
         if body.fetch is not None:
             limit = min(end, await body.fetch.wait_available(position))
-        position += await _sendfile(sock, body.fd, position, limit - position)
+        sent = await _sendfile(sock, body.fd, position, limit - position)
+        on_sent(source, sent)
+        position += sent
 
 
 async def _sendfile(

@@ -31,6 +31,7 @@ from tcr_mirror.proxy._errors import (
 )
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._http import FileBody, Request, Response
+from tcr_mirror.proxy._metrics import MirrorMetrics
 from tcr_mirror.proxy._oci import (
     Digest,
     Kind,
@@ -108,6 +109,7 @@ class Mirror:
         fetcher: Shares blob fetches between requests.
         upstreams: The allow-list.
         tag_ttl: Seconds a resolved tag is served without asking upstream.
+        metrics: Where requests and cache results are counted.
     """
 
     def __init__(
@@ -117,16 +119,35 @@ class Mirror:
         upstreams: Upstreams,
         *,
         tag_ttl: float = 5.0,
+        metrics: MirrorMetrics | None = None,
     ) -> None:
         self._store = store
         self._fetcher = fetcher
         self._upstreams = upstreams
         self._tag_ttl = tag_ttl
+        self._metrics = metrics or MirrorMetrics()
         self._manifest_flights: SingleFlight[_Manifest] = SingleFlight()
 
     async def handle(self, request: Request) -> Response:
         """Answer one request; raises :class:`RegistryError` for OCI errors."""
-        route = parse_route(request.method, request.target)
+        kind = "invalid"
+        status = 500
+        try:
+            route = parse_route(request.method, request.target)
+            kind = route.kind.value
+            response = await self._route(route, request)
+            status = response.status
+            return response
+        except RegistryError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._metrics.requests.labels(kind, request.method, str(status)).inc()
+
+    def _cache(self, kind: str, result: str) -> None:
+        self._metrics.cache_results.labels(kind, result).inc()
+
+    async def _route(self, route: Route, request: Request) -> Response:
         if route.kind is Kind.BASE:
             return Response(200, [_API_VERSION, _JSON], b"{}")
         upstream = self._upstreams.select(route.namespace)
@@ -161,7 +182,9 @@ class Mirror:
         digest = route.digest
         stored = self._store.get_manifest(digest)
         if stored is not None:
+            self._cache("manifest", "hit")
             return _Manifest(digest, *stored)
+        self._cache("manifest", "miss")
 
         async def fetch() -> _Manifest:
             # The digest fixes the bytes whatever the client accepts, and a
@@ -203,6 +226,7 @@ class Mirror:
         except (UpstreamUnavailable, TooManyRequests) as exc:
             if cached is None:
                 raise
+            self._cache("tag", "stale")
             logger.warning(
                 "tag_served_stale",
                 extra={
@@ -283,11 +307,15 @@ class Mirror:
         if fetch is None:
             opened = self._store.open_blob(digest)
             if opened is not None:
+                self._cache("blob", "hit")
                 fd, size = opened
                 return self._blob_response(request, digest, fd, size)
+            self._cache("blob", "miss")
             if request.method == "HEAD":
                 return await self._head_blob(route, upstream, digest)
             fetch = self._fetcher.fetch(upstream, route.name, digest)
+        else:
+            self._cache("blob", "joined")
 
         fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -298,7 +326,21 @@ class Mirror:
         response = self._blob_response(request, digest, fd, size)
         if isinstance(response.body, FileBody):
             response.body.fetch = fetch
+            self._follow_fetch(response.body)
         return response
+
+    def _follow_fetch(self, body: FileBody) -> None:
+        """Count the client as waiting on a fetch until its body is done."""
+        waiting = self._metrics.fetch_waiting_clients
+        waiting.inc()
+        release = body.release
+
+        def released() -> None:
+            waiting.dec()
+            if release is not None:
+                release()
+
+        body.release = released
 
     def _blob_response(
         self, request: Request, digest: Digest, fd: int, size: int

@@ -39,6 +39,7 @@ from tcr_mirror.proxy._errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from tcr_mirror.proxy._metrics import MirrorMetrics
 
 __all__ = [
     "CredentialSource",
@@ -99,6 +100,7 @@ class Upstream:
         timeouts: Connect and read timeouts.
         user_agent: Sent with every request.
         http2: Offer HTTP/2 on TLS connections.
+        metrics: Where to count requests and their latency.
     """
 
     def __init__(
@@ -110,8 +112,10 @@ class Upstream:
         timeouts: UpstreamTimeouts | None = None,
         user_agent: str = "tcr-mirror",
         http2: bool = True,
+        metrics: MirrorMetrics | None = None,
     ) -> None:
         self.key = key
+        self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
         self._client = httpx.AsyncClient(
@@ -220,14 +224,18 @@ class Upstream:
             request = self._client.build_request(
                 method, url, headers=headers, params=params
             )
+            started = trio.current_time()
             try:
                 response = await self._client.send(request, stream=True)
             except httpx.TimeoutException as exc:
+                self._observe(None, started)
                 raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
             except httpx.HTTPError as exc:
+                self._observe(None, started)
                 raise UpstreamUnavailable(
                     f"upstream {self.key} unreachable: {type(exc).__name__}"
                 ) from exc
+            self._observe(response.status_code, started)
             location = response.headers.get("location")
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
                 return response
@@ -239,6 +247,11 @@ class Upstream:
                 # for the registry alone.
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
         raise UpstreamUnavailable(f"upstream {self.key} redirected too many times")
+
+    def _observe(self, status: int | None, started: float) -> None:
+        if self._metrics is not None:
+            elapsed = trio.current_time() - started
+            self._metrics.observe_upstream(self.key, status, elapsed, time.time())
 
     async def _authorization(self, scope: str) -> str | None:
         challenge = self._challenge
