@@ -1,0 +1,489 @@
+"""The node mirror's store on a small real filesystem (issue #3).
+
+Each test mounts a 24 MiB tmpfs as the node's data directory (so it needs
+root) and pulls layers of several MiB through a real ``tcr-mirror node``
+from a real docker-registry. Two limits are exercised:
+
+* the byte budget (``--max-store-bytes`` with watermarks): least recently
+  used blobs are evicted and fetched again when asked, the store never
+  passes the budget, a blob being sent to a client is never evicted, and a
+  blob larger than the budget is refused with an OCI error;
+* the filesystem itself running out of space: the fetch that hits ENOSPC
+  fails cleanly (an OCI error, or a body cut short, never a complete wrong
+  one), leaves no file behind and no index entry, and the same pull works
+  once there is room again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support.images import PushedImage, push_image
+from support.node import NodeProcess
+from support.registry import REGISTRY_BINARY, Registry
+from tcr_mirror.proxy._store import BlobStore
+
+REPO = "diskfull/app"
+MIB = 1 << 20
+FS_SIZE = 24 * MIB
+BUDGET = 16 * MIB
+# Bytes of the filesystem the index and directories may take beyond blobs.
+OVERHEAD = 1 * MIB
+CLIENT_TIMEOUT = 30.0
+
+NodeFactory = Callable[..., NodeProcess]
+
+
+# Fixtures.
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    if not Path(REGISTRY_BINARY).exists():
+        pytest.skip(f"{REGISTRY_BINARY} is not installed")
+    with Registry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def small(upstream: Registry) -> PushedImage:
+    """Five layers of 4.5 MiB: three fit under the high watermark, four not."""
+    return push_image(upstream, REPO, "small", layer_sizes=[9 * MIB // 2] * 5)
+
+
+@pytest.fixture(scope="module")
+def oversized(upstream: Registry) -> PushedImage:
+    """One layer of 17 MiB, more than the whole budget."""
+    return push_image(upstream, REPO, "oversized", layer_sizes=[17 * MIB])
+
+
+@pytest.fixture(scope="module")
+def large(upstream: Registry) -> PushedImage:
+    """Two layers of 10 MiB: both do not fit on the filesystem with a filler."""
+    return push_image(upstream, REPO, "large", layer_sizes=[10 * MIB] * 2)
+
+
+@pytest.fixture
+def filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 24 MiB tmpfs, unmounted at teardown (also after a failure)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE}", "tmpfs", str(mountpoint)]
+    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        if unmount.returncode != 0:
+            # Something still holds it open; detach it rather than leak it.
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture
+def node_factory(
+    tmp_path: Path, filesystem: Path, upstream: Registry
+) -> Iterator[NodeFactory]:
+    """Starts a node on the tmpfs: ``node_factory(*extra_args)``.
+
+    Depends on ``filesystem`` so that its nodes are stopped before the
+    unmount.
+    """
+    started: list[NodeProcess] = []
+
+    def start(*extra: str) -> NodeProcess:
+        args = ["--upstream", upstream.url, "--tag-ttl", "0", *extra]
+        log = tmp_path / f"node{len(started)}.log"
+        node = NodeProcess(filesystem / "data", args, log_path=log)
+        started.append(node)
+        return node.start()
+
+    yield start
+    for node in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.stop()
+        node.kill()
+
+
+def budget_args() -> list[str]:
+    return ["--max-store-bytes", "16MiB", "--store-watermarks", "0.9,0.5"]
+
+
+# Clients.
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What a client got; status 0 when no response head arrived."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    complete: bool
+
+    def error_code(self) -> str:
+        assert self.headers.get("content-type", "").startswith("application/json")
+        errors = httpx.Response(200, content=self.body).json()["errors"]
+        return str(errors[0]["code"])
+
+
+def pull(node: NodeProcess, digest: str) -> Pulled:
+    chunks: list[bytes] = []
+    status, headers, complete = 0, httpx.Headers(), False
+    try:
+        with (
+            httpx.Client(timeout=CLIENT_TIMEOUT) as client,
+            client.stream("GET", f"{node.url}{blob_path(digest)}") as response,
+        ):
+            status, headers = response.status_code, response.headers
+            for chunk in response.iter_raw():
+                chunks.append(chunk)
+            complete = True
+    except httpx.TransportError:
+        pass
+    return Pulled(status, headers, b"".join(chunks), complete)
+
+
+def blob_path(digest: str) -> str:
+    return f"/v2/{REPO}/blobs/{digest}"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def assert_got(pulled: Pulled, digest: str) -> None:
+    assert pulled.status == 200, pulled.body[:300]
+    assert pulled.complete
+    assert sha256(pulled.body) == digest
+
+
+def assert_clean_failure(pulled: Pulled, data: bytes) -> None:
+    """An OCI error before the head, or a right body cut short after it."""
+    if pulled.status == 200:
+        assert not pulled.complete, "a failed fetch completed a body"
+        assert len(pulled.body) < len(data)
+        assert data.startswith(pulled.body)
+    else:
+        assert pulled.status >= 500, pulled.status
+        assert pulled.error_code()
+
+
+class SlowReader:
+    """A GET whose client reads the head and then stops reading.
+
+    A tiny receive buffer keeps the daemon blocked on sending the body until
+    :meth:`finish` reads it.
+    """
+
+    def __init__(self, node: NodeProcess, digest: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(CLIENT_TIMEOUT)
+        self.sock.connect((node.host, node.port))
+        request = (
+            f"GET {blob_path(digest)} HTTP/1.1\r\nHost: {node.address}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        head = b""
+        # One byte at a time so that no body byte is taken off the socket.
+        while not head.endswith(b"\r\n\r\n") and len(head) < 16384:
+            byte = self.sock.recv(1)
+            assert byte, "the node closed before the head"
+            head += byte
+        self.status = int(head.split(b" ", 2)[1])
+        fields = dict(
+            line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line
+        )
+        self.length = int(fields[b"Content-Length"].strip())
+
+    def finish(self) -> bytes:
+        chunks: list[bytes] = []
+        received = 0
+        with self.sock:
+            while received < self.length:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+        return b"".join(chunks)
+
+
+# The data directory.
+
+
+def blob_files(node: NodeProcess) -> dict[str, int]:
+    """``{hex: size}`` of the blob files, each checked against its name."""
+    files = {}
+    for path in (node.data_dir / "blobs").rglob("*"):
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+            files[path.name] = path.stat().st_size
+    return files
+
+
+def temp_files(node: NodeProcess) -> list[str]:
+    return [path.name for path in (node.data_dir / "tmp").iterdir()]
+
+
+def used_bytes(mountpoint: Path) -> int:
+    """Bytes in use on the filesystem, read in one consistent snapshot."""
+    stat = os.statvfs(mountpoint)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def free_bytes(mountpoint: Path) -> int:
+    stat = os.statvfs(mountpoint)
+    return stat.f_bavail * stat.f_frsize
+
+
+def hex_of(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def events(node: NodeProcess, name: str, offset: int = 0) -> list[dict[str, Any]]:
+    return [e for e in node.events(offset) if e.get("event") == name]
+
+
+def index_of(node: NodeProcess) -> dict[str, int]:
+    """The blob index a stopped node left: ``{hex: size}``."""
+    store = BlobStore(node.data_dir)
+    try:
+        return {hex_of(key): entry.size for key, entry in store.blobs()}
+    finally:
+        store.close()
+
+
+class Counts(tuple[int, ...]):
+    """Per-blob counts that subtract element-wise."""
+
+    def __sub__(self, other: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(a - b for a, b in zip(self, other, strict=True))
+
+
+def upstream_gets(upstream: Registry, *digests: str) -> Counts:
+    """How many GETs of each blob the registry served so far (the registry
+    is shared by the module's tests, so tests compare differences)."""
+    return Counts(upstream.blob_gets(REPO, digest) for digest in digests)
+
+
+class PeakSampler:
+    """Samples the filesystem's bytes in use in a thread; keeps the peak."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.peak = used_bytes(mountpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, used_bytes(self.mountpoint))
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# The byte budget.
+
+
+def test_budget_evicts_least_recently_used_and_refetches(
+    node_factory: NodeFactory,
+    filesystem: Path,
+    upstream: Registry,
+    small: PushedImage,
+) -> None:
+    node = node_factory(*budget_args())
+    baseline = used_bytes(filesystem)
+    digests = [digest for digest, _ in small.layers]
+    asked = upstream_gets(upstream, digests[0], digests[-1])
+
+    with PeakSampler(filesystem) as sampler:
+        for digest in digests:
+            assert_got(pull(node, digest), digest)
+            assert sum(blob_files(node).values()) <= BUDGET
+            assert temp_files(node) == []
+        first_again = pull(node, digests[0])
+        last_again = pull(node, digests[-1])
+
+    # Blobs plus fetches in flight stay within the budget at every moment.
+    assert sampler.peak - baseline <= BUDGET + OVERHEAD
+    evicted = {e["digest"] for e in events(node, "blob_evicted")}
+    assert digests[0] in evicted
+    assert digests[-1] not in evicted
+    assert_got(first_again, digests[0])
+    assert_got(last_again, digests[-1])
+    fetched = upstream_gets(upstream, digests[0], digests[-1]) - asked
+    assert fetched == (2, 1), "only the evicted blob is fetched again"
+    assert sum(blob_files(node).values()) <= BUDGET
+
+
+def test_blob_larger_than_the_budget_is_an_oci_error(
+    node_factory: NodeFactory,
+    upstream: Registry,
+    small: PushedImage,
+    oversized: PushedImage,
+) -> None:
+    node = node_factory(*budget_args())
+    kept, _ = small.layers[0]
+    assert_got(pull(node, kept), kept)
+    big, big_data = oversized.layers[0]
+
+    refused = pull(node, big)
+
+    assert 500 <= refused.status < 600
+    assert refused.complete
+    assert refused.error_code() == "UNAVAILABLE"
+    assert temp_files(node) == []
+    assert hex_of(big) not in blob_files(node)
+    # The daemon keeps serving, and the same request is refused again.
+    assert_got(pull(node, kept), kept)
+    assert pull(node, big).status == refused.status
+    assert len(big_data) > BUDGET
+
+
+def test_blob_larger_than_the_budget_evicts_nothing(
+    node_factory: NodeFactory,
+    upstream: Registry,
+    small: PushedImage,
+    oversized: PushedImage,
+) -> None:
+    node = node_factory(*budget_args())
+    kept, _ = small.layers[0]
+    asked = upstream_gets(upstream, kept)
+    assert_got(pull(node, kept), kept)
+
+    assert pull(node, oversized.layers[0][0]).status >= 500
+
+    # A blob that can never fit is no reason to empty the store.
+    assert events(node, "blob_evicted") == []
+    assert hex_of(kept) in blob_files(node)
+    assert_got(pull(node, kept), kept)
+    assert upstream_gets(upstream, kept) - asked == (1,)
+
+
+def test_blob_being_sent_to_a_slow_client_is_not_evicted(
+    node_factory: NodeFactory, upstream: Registry, small: PushedImage
+) -> None:
+    node = node_factory(*budget_args())
+    (held, held_data), *others = small.layers
+    asked = upstream_gets(upstream, held)
+    assert_got(pull(node, held), held)
+    held_file = node.data_dir / "blobs" / "sha256" / hex_of(held)[:2] / hex_of(held)
+
+    reader = SlowReader(node, held)
+    assert reader.status == 200
+    assert reader.length == len(held_data)
+    # Three more blobs pass the high watermark; the held one is the least
+    # recently used, so only its reader keeps it.
+    for digest, _ in others[:3]:
+        assert_got(pull(node, digest), digest)
+    evicted = {e["digest"] for e in events(node, "blob_evicted")}
+    assert others[0][0] in evicted, "the pulls did not force an eviction"
+    assert held not in evicted
+    assert held_file.exists()
+
+    body = reader.finish()
+
+    assert len(body) == len(held_data)
+    assert sha256(body) == held
+    assert_got(pull(node, held), held)
+    assert upstream_gets(upstream, held) - asked == (1,)
+
+
+# The filesystem running out of space.
+
+
+def fill(path: Path, size: int | None) -> None:
+    """Write ``size`` bytes to ``path``, or until the filesystem is full."""
+    block = b"\0" * MIB
+    written = 0
+    with path.open("wb") as filler:
+        while size is None or written < size:
+            chunk = block if size is None else block[: min(MIB, size - written)]
+            try:
+                filler.write(chunk)
+                filler.flush()
+            except OSError:
+                return
+            written += len(chunk)
+
+
+def test_disk_full_fails_the_fetch_cleanly_and_recovers(
+    node_factory: NodeFactory,
+    filesystem: Path,
+    upstream: Registry,
+    large: PushedImage,
+) -> None:
+    node = node_factory()
+    (stored, _), (wanted, wanted_data) = large.layers
+    asked = upstream_gets(upstream, stored)
+    assert_got(pull(node, stored), stored)
+    filler = filesystem / "filler"
+    # Leave room for part of the next blob only.
+    fill(filler, free_bytes(filesystem) - 4 * MIB)
+
+    failed = pull(node, wanted)
+
+    assert_clean_failure(failed, wanted_data)
+    reasons = [e.get("reason", "") for e in events(node, "blob_fetch_failed")]
+    assert any("no space" in reason for reason in reasons), reasons
+    assert temp_files(node) == []
+    assert set(blob_files(node)) == {hex_of(stored)}
+
+    assert_got(pull(node, stored), stored)
+
+    # The index agrees with the files across a restart.
+    assert node.stop() == 0
+    assert index_of(node) == blob_files(node)
+    offset = node.log_path.stat().st_size
+    node.start()
+    (recovered,) = events(node, "store_recovered", offset)
+    assert recovered["temp_removed"] == 0
+    assert recovered["entries_dropped"] == 0
+    assert recovered["files_indexed"] == 0
+
+    filler.unlink()
+    assert_got(pull(node, wanted), wanted)
+    assert_got(pull(node, stored), stored)
+    assert set(blob_files(node)) == {hex_of(stored), hex_of(wanted)}
+    assert upstream_gets(upstream, stored) - asked == (1,)
+
+
+def test_stored_blobs_are_served_while_the_disk_is_full(
+    node_factory: NodeFactory, filesystem: Path, large: PushedImage
+) -> None:
+    node = node_factory()
+    (stored, _), (wanted, wanted_data) = large.layers
+    assert_got(pull(node, stored), stored)
+
+    fill(filesystem / "filler", None)
+
+    # Reading a stored blob needs no new space; the missing one fails
+    # cleanly, and neither leaves a file behind.
+    assert_got(pull(node, stored), stored)
+    assert_clean_failure(pull(node, wanted), wanted_data)
+    assert temp_files(node) == []
+    assert set(blob_files(node)) == {hex_of(stored)}
