@@ -54,6 +54,7 @@ class UpstreamConfig:
     url: str
     default: bool = False
     credentials: Credentials | None = field(default=None, repr=False)
+    credentials_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class NodeConfig:
     max_store_bytes: int | None = None
     store_high_watermark: float = 0.90
     store_low_watermark: float = 0.80
+    node_secret: str | None = field(default=None, repr=False)
+    credentials_refresh: float = 30.0
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -98,6 +101,10 @@ class NodeConfig:
                 changes[key] = _seconds(key, value)
             elif key == "log_level":
                 changes[key] = _str(key, value)
+            elif key == "node_secret_file":
+                changes["node_secret"] = read_secret_file(Path(_str(key, value)))
+            elif key == "credentials_refresh":
+                changes[key] = _seconds(key, value)
             elif key == "max_store_bytes":
                 changes[key] = parse_size(value)
             elif key in ("store_high_watermark", "store_low_watermark"):
@@ -112,6 +119,8 @@ class NodeConfig:
         defaults = [up for up in self.upstreams if up.default]
         if len(defaults) > 1:
             raise ConfigError("more than one default upstream")
+        if any(up.credentials_url for up in self.upstreams) and not self.node_secret:
+            raise ConfigError("credentials_url needs a node secret (node_secret_file)")
         names = [up.namespace for up in self.upstreams]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
@@ -178,6 +187,17 @@ def make_upstream(
     return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
 
 
+def read_secret_file(path: Path) -> str:
+    """Read a shared secret: the first line of a file."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"secret file {path} is empty")
+    return lines[0].strip()
+
+
 def read_credentials_file(path: Path) -> Credentials:
     """Read ``username:password`` from the first line of a file."""
     try:
@@ -200,6 +220,7 @@ def _upstream_from_table(table: dict[str, Any]) -> UpstreamConfig:
         "namespace",
         "default",
         "credentials_file",
+        "credentials_url",
         "username",
         "password",
     }
@@ -214,12 +235,16 @@ def _upstream_from_table(table: dict[str, Any]) -> UpstreamConfig:
         password = _str("password", table.get("password", ""))
         credentials = Credentials(_str("username", table["username"]), password)
     namespace = table.get("namespace")
-    return make_upstream(
+    upstream = make_upstream(
         None if namespace is None else _str("namespace", namespace),
         _str("url", table.get("url")),
         default=bool(table.get("default", False)),
         credentials=credentials,
     )
+    if "credentials_url" in table:
+        url = _str("credentials_url", table["credentials_url"])
+        upstream = replace(upstream, credentials_url=url)
+    return upstream
 
 
 def _tables(value: Any) -> list[dict[str, Any]]:

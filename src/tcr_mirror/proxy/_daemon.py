@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import logging
 import signal
+from urllib.parse import urlsplit
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tcr_mirror import __version__
-from tcr_mirror.proxy._config import NodeConfig
+from tcr_mirror.proxy._config import NodeConfig, UpstreamConfig
+from tcr_mirror.proxy._credentials import ControlPlaneCredentials
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._http import HttpServer, Request, Response
 from tcr_mirror.proxy._metrics import MirrorMetrics, StoreCollector
 from tcr_mirror.proxy._mirror import Mirror, Upstreams
 from tcr_mirror.proxy._store import BlobStore, StoreBudget
-from tcr_mirror.proxy._upstream import StaticCredentials, Upstream, UpstreamTimeouts
+from tcr_mirror.proxy._upstream import (
+    CredentialSource,
+    StaticCredentials,
+    Upstream,
+    UpstreamTimeouts,
+)
 
 __all__ = ["run_node", "serve_until_signal"]
 
@@ -32,11 +39,10 @@ def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
     upstreams = []
     default = None
     for up in config.upstreams:
-        source = StaticCredentials(up.credentials) if up.credentials else None
         upstream = Upstream(
             up.namespace,
             up.url,
-            credentials=source,
+            credentials=_credential_source(config, up),
             timeouts=timeouts,
             user_agent=f"tcr-mirror/{__version__}",
             metrics=metrics,
@@ -45,6 +51,23 @@ def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
         if up.default:
             default = upstream
     return Upstreams(upstreams, default)
+
+
+def _credential_source(
+    config: NodeConfig, upstream: UpstreamConfig
+) -> CredentialSource | None:
+    if upstream.credentials_url:
+        assert config.node_secret is not None
+        registry = urlsplit(upstream.url).netloc
+        return ControlPlaneCredentials(
+            upstream.credentials_url,
+            registry,
+            config.node_secret,
+            refresh=config.credentials_refresh,
+        )
+    if upstream.credentials:
+        return StaticCredentials(upstream.credentials)
+    return None
 
 
 async def run_node(

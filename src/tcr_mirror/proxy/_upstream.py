@@ -134,6 +134,9 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        closer = getattr(self._credentials, "aclose", None)
+        if closer is not None:
+            await closer()
 
     @asynccontextmanager
     async def request(

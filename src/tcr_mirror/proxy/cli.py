@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tcr_mirror.proxy._config import (
     parse_size,
     parse_upstream_flag,
     read_credentials_file,
+    read_secret_file,
 )
 from tcr_mirror.proxy._daemon import serve_until_signal
 
@@ -54,6 +56,26 @@ def register(subparsers: Any) -> None:
         help="file whose first line is username:password for the upstream NS "
         "(the default upstream without NS=). Repeatable",
     )
+    parser.add_argument(
+        "--credentials-url",
+        action="append",
+        metavar="[NS=]URL",
+        help="get the upstream NS's credentials (the default upstream's without "
+        "NS=) from `tcr-mirror control serve` at URL, renewed while running. "
+        "Repeatable; needs --node-secret-file",
+    )
+    parser.add_argument(
+        "--node-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="file whose first line is the secret shared with the control plane",
+    )
+    parser.add_argument(
+        "--credentials-refresh",
+        type=float,
+        metavar="SECONDS",
+        help="ask the control plane for credentials this often (30)",
+    )
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics, health")
     parser.add_argument(
         "--tag-ttl", type=float, metavar="SECONDS", help="trust a tag this long (5)"
@@ -89,21 +111,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags that set a config field as they are, or through a parser.
+_SIMPLE_FLAGS: dict[str, Callable[[Any], Any]] = {
+    "listen": parse_host_port,
+    "metrics_listen": parse_host_port,
+    "data_dir": Path,
+    "tag_ttl": float,
+    "log_level": str,
+    "max_store_bytes": parse_size,
+    "connect_timeout": float,
+    "read_timeout": float,
+    "credentials_refresh": float,
+}
+
+
 def _config_from_args(args: argparse.Namespace) -> NodeConfig:
     config = NodeConfig.from_toml(args.config) if args.config else NodeConfig()
-    changes: dict[str, Any] = {}
-    if args.listen:
-        changes["listen"] = parse_host_port(args.listen)
-    if args.metrics_listen:
-        changes["metrics_listen"] = parse_host_port(args.metrics_listen)
-    if args.data_dir:
-        changes["data_dir"] = args.data_dir
-    if args.tag_ttl is not None:
-        changes["tag_ttl"] = args.tag_ttl
-    if args.log_level:
-        changes["log_level"] = args.log_level
-    if args.max_store_bytes:
-        changes["max_store_bytes"] = parse_size(args.max_store_bytes)
+    changes: dict[str, Any] = {
+        key: parse(getattr(args, key))
+        for key, parse in _SIMPLE_FLAGS.items()
+        if getattr(args, key) is not None
+    }
     if args.store_watermarks:
         high, _, low = args.store_watermarks.partition(",")
         try:
@@ -111,27 +139,32 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
             changes["store_low_watermark"] = float(low)
         except ValueError as exc:
             raise ConfigError("--store-watermarks takes HIGH,LOW fractions") from exc
-    for key in ("connect_timeout", "read_timeout"):
-        if getattr(args, key) is not None:
-            changes[key] = getattr(args, key)
     if args.upstream:
         changes["upstreams"] = tuple(parse_upstream_flag(u) for u in args.upstream)
+    if args.node_secret_file:
+        changes["node_secret"] = read_secret_file(args.node_secret_file)
     config = replace(config, **changes)
 
     for item in args.credentials_file or ():
-        config = _attach_credentials(config, item)
+        config = _attach(config, item, "credentials", read_credentials_file)
+    for item in args.credentials_url or ():
+        config = _attach(config, item, "credentials_url", str)
     if not config.upstreams:
         raise ConfigError("no upstream: give --upstream URL or upstreams in --config")
     return config.validated()
 
 
-def _attach_credentials(config: NodeConfig, item: str) -> NodeConfig:
-    namespace, sep, path = item.rpartition("=")
-    credentials = read_credentials_file(Path(path))
+def _attach(
+    config: NodeConfig, item: str, field: str, read: Callable[[Any], Any]
+) -> NodeConfig:
+    """Set ``field`` of the upstream an ``[NS=]VALUE`` flag names."""
+    namespace, sep, value = item.partition("=")
+    if not sep or "://" in namespace or "/" in namespace:
+        namespace, sep, value = "", "", item
     upstreams = list(config.upstreams)
     for index, up in enumerate(upstreams):
         if (sep and up.namespace == namespace) or (not sep and up.default):
-            upstreams[index] = replace(up, credentials=credentials)
+            upstreams[index] = replace(up, **{field: read(value)})
             return replace(config, upstreams=tuple(upstreams))
     which = f"namespace {namespace!r}" if sep else "default upstream"
-    raise ConfigError(f"--credentials-file names no configured {which}")
+    raise ConfigError(f"--{field.replace('_', '-')} names no configured {which}")
