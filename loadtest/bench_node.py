@@ -1,0 +1,549 @@
+"""Benchmark of the node mirror against nginx, the upstream and a proxy registry.
+
+Run ``.venv/bin/python loadtest/bench_node.py [--quick] [--json PATH]``.
+It starts everything it needs on 127.0.0.1 (upstream docker-registry seeded
+with test blobs, nginx on the same files, docker-registry in proxy mode,
+``tcr-mirror node``), measures each target of issue #3, prints a table with
+each figure, its reference and PASS/FAIL, and stops every process it
+started. See ``loadtest/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from _load import GroupResult, fetch_group, run_rate_clients, run_wrk
+from _servers import REPOSITORY, TAG, Blob, Mirror, Nginx, Registry, Upstream
+
+MIB = 1 << 20
+GIB = 1 << 30
+_RSS_LIMIT = 128 * MIB
+_HUGE_FREE_NEEDED = 25 * GIB
+_MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    big: int
+    mid: int
+    repeats: int
+    rate_seconds: int
+    tag_seconds: int
+    huge: int | None
+
+
+FULL = Sizes(big=GIB, mid=256 * MIB, repeats=3, rate_seconds=5, tag_seconds=10,
+             huge=10 * GIB)  # fmt: skip
+QUICK = Sizes(big=256 * MIB, mid=64 * MIB, repeats=2, rate_seconds=3, tag_seconds=5,
+              huge=None)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    check: str
+    mirror: str
+    reference: str
+    ratio: float | None
+    target: str
+    passed: bool | None
+    values: dict[str, Any]
+
+
+class Bench:
+    """Holds the running servers and the rows measured so far."""
+
+    def __init__(self, workdir: Path, sizes: Sizes, stack: ExitStack) -> None:
+        self.workdir = workdir
+        self.sizes = sizes
+        self.stack = stack
+        self.upstream = Upstream(workdir / "upstream")
+        self.nginx = Nginx(workdir / "nginx")
+        self.rows: list[Row] = []
+        self.mirrors: list[Mirror] = []
+        self._serial = 0
+
+    # -- servers --------------------------------------------------------------
+
+    def start(self) -> None:
+        log("seeding the upstream")
+        self.upstream.seed("big", self.sizes.big, seed=1)
+        self.upstream.seed("mid", self.sizes.mid, seed=2)
+        self.upstream.registry.start()
+        self.stack.callback(self.upstream.registry.stop)
+        self.upstream.push_manifest()
+        self.upstream.check()
+        for blob in self.upstream.blobs.values():
+            self.nginx.link(blob)
+        self.nginx.start()
+        self.stack.callback(self.nginx.stop)
+
+    def new_mirror(self) -> Mirror:
+        """A mirror with an empty data directory (the previous one is removed)."""
+        self._serial += 1
+        mirror = Mirror(self.workdir / f"mirror-{self._serial}", self.upstream.url)
+        self.stack.callback(mirror.stop)
+        self.mirrors.append(mirror)
+        return mirror.start()
+
+    def retire(self, mirror: Mirror) -> None:
+        mirror.stop()
+        mirror.remove_data()
+
+    def new_proxy(self) -> Registry:
+        """A docker-registry in proxy mode with empty storage."""
+        self._serial += 1
+        proxy = Registry(
+            self.workdir / f"proxy-{self._serial}", proxy_remote=self.upstream.url
+        )
+        proxy.start()
+        self.stack.callback(proxy.stop)
+        return proxy
+
+    def retire_proxy(self, proxy: Registry) -> None:
+        proxy.stop()
+        shutil.rmtree(proxy.storage, ignore_errors=True)
+
+    def warm_upstream(self, blob: Blob) -> None:
+        """Reads the blob file through nginx so the upstream serves it from RAM."""
+        read(self.nginx.port, f"/{blob.hex}", blob.size)
+
+
+def log(message: str) -> None:
+    print(f"# {message}", file=sys.stderr, flush=True)
+
+
+def read(port: int, path: str, size: int, clients: int = 1) -> GroupResult:
+    """Reads ``path`` with ``clients`` clients at once; raises if a body is short."""
+    result = fetch_group(port, path, clients, size)
+    if not result.complete:
+        raise RuntimeError(
+            f"incomplete read of {path} on port {port}: statuses {result.statuses}"
+        )
+    return result
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def repeat(times: int, measure: Callable[[], float]) -> float:
+    """The median of ``times`` measurements."""
+    return median([measure() for _ in range(times)])
+
+
+def mib_s(rate: float) -> str:
+    return f"{rate / MIB:,.0f} MiB/s"
+
+
+def ratio(value: float, reference: float) -> float:
+    return value / reference if reference else 0.0
+
+
+# -- the measurements ---------------------------------------------------------
+
+
+def cold_single(bench: Bench) -> Mirror:
+    """One client, big blob not yet cached: mirror vs direct vs proxy registry.
+
+    Returns the last mirror, which now holds the blob, for the warm read.
+    """
+    blob = bench.upstream.blobs["big"]
+    log(f"cold read of {blob.size // MIB} MiB")
+
+    def direct() -> float:
+        bench.warm_upstream(blob)
+        return read(bench.upstream.port, blob.api_path, blob.size).throughput
+
+    mirror: Mirror | None = None
+
+    def through_mirror() -> float:
+        nonlocal mirror
+        if mirror is not None:
+            bench.retire(mirror)
+        bench.warm_upstream(blob)
+        mirror = bench.new_mirror()
+        rate = read(mirror.port, blob.api_path, blob.size).throughput
+        mirror.sample_rss()
+        return rate
+
+    def through_proxy() -> float:
+        bench.warm_upstream(blob)
+        proxy = bench.new_proxy()
+        try:
+            return read(proxy.port, blob.api_path, blob.size).throughput
+        finally:
+            bench.retire_proxy(proxy)
+
+    upstream_rate = repeat(bench.sizes.repeats, direct)
+    mirror_rate = repeat(bench.sizes.repeats, through_mirror)
+    proxy_rate = repeat(max(1, bench.sizes.repeats - 1), through_proxy)
+    passed = mirror_rate >= 0.8 * upstream_rate and mirror_rate > proxy_rate
+    bench.rows.append(
+        Row(
+            f"1 client, {blob.size // MIB} MiB blob not cached",
+            mib_s(mirror_rate),
+            f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)}",
+            ratio(mirror_rate, upstream_rate),
+            ">= 0.8x upstream and > proxy registry",
+            passed,
+            {
+                "mirror": mirror_rate,
+                "upstream": upstream_rate,
+                "proxy": proxy_rate,
+                "proxy_ratio": ratio(mirror_rate, proxy_rate),
+            },  # fmt: skip
+        )
+    )
+    assert mirror is not None
+    return mirror
+
+
+def warm_single(bench: Bench, mirror: Mirror) -> None:
+    """One client, big blob cached: mirror vs nginx."""
+    blob = bench.upstream.blobs["big"]
+    log(f"warm read of {blob.size // MIB} MiB")
+    nginx_path = f"/{blob.hex}"
+    read(bench.nginx.port, nginx_path, blob.size)
+    nginx_rate = repeat(
+        bench.sizes.repeats,
+        lambda: read(bench.nginx.port, nginx_path, blob.size).throughput,
+    )
+    read(mirror.port, blob.api_path, blob.size)
+    mirror_rate = repeat(
+        bench.sizes.repeats,
+        lambda: read(mirror.port, blob.api_path, blob.size).throughput,
+    )
+    mirror.sample_rss()
+    bench.rows.append(
+        Row(
+            f"1 client, {blob.size // MIB} MiB blob cached",
+            mib_s(mirror_rate),
+            f"nginx {mib_s(nginx_rate)}",
+            ratio(mirror_rate, nginx_rate),
+            ">= 0.9x nginx",
+            mirror_rate >= 0.9 * nginx_rate,
+            {"mirror": mirror_rate, "nginx": nginx_rate},
+        )
+    )
+
+
+def upstream_blob_gets(bench: Bench, blob: Blob, since: int) -> tuple[int, int]:
+    """GETs of ``blob`` at the upstream after log entry ``since``, and their bytes."""
+    entries = bench.upstream.registry.access_log()[since:]
+    gets = [e for e in entries if e.method == "GET" and e.path == blob.api_path]
+    return len(gets), sum(e.bytes for e in gets)
+
+
+def cold_fanout(bench: Bench, clients: int = 32) -> tuple[Mirror, Registry]:
+    """32 clients at once, mid blob not yet cached: upstream GETs and wall time.
+
+    Returns the mirror and the proxy registry, which now hold the blob.
+    """
+    blob = bench.upstream.blobs["mid"]
+    log(f"{clients} clients, cold {blob.size // MIB} MiB")
+    results: dict[str, tuple[float, int, int]] = {}
+    servers: dict[str, Any] = {}
+    for name, start in (("mirror", bench.new_mirror), ("proxy", bench.new_proxy)):
+        server = start()
+        servers[name] = server
+        bench.warm_upstream(blob)
+        since = len(bench.upstream.registry.access_log())
+        wall = read(server.port, blob.api_path, blob.size, clients).wall
+        results[name] = (wall, *upstream_blob_gets(bench, blob, since))
+    servers["mirror"].sample_rss()
+
+    (m_wall, m_gets, m_bytes), (p_wall, p_gets, p_bytes) = (
+        results["mirror"],
+        results["proxy"],
+    )
+    passed = m_gets == 1 and m_bytes == blob.size and m_wall < p_wall
+    bench.rows.append(
+        Row(
+            f"{clients} clients, {blob.size // MIB} MiB blob not cached",
+            f"{m_wall:.2f} s; upstream GETs {m_gets}, {m_bytes / blob.size:.2f}x bytes",
+            f"proxy registry {p_wall:.2f} s; upstream GETs {p_gets}, "
+            f"{p_bytes / blob.size:.2f}x bytes",
+            ratio(m_wall, p_wall),
+            "1 GET, 1x bytes; wall < proxy registry",
+            passed,
+            {
+                "mirror_wall": m_wall,
+                "mirror_gets": m_gets,
+                "mirror_bytes": m_bytes,
+                "proxy_wall": p_wall,
+                "proxy_gets": p_gets,
+                "proxy_bytes": p_bytes,
+            },
+        ),  # fmt: skip
+    )
+    return servers["mirror"], servers["proxy"]
+
+
+def warm_fanout(bench: Bench, mirror: Mirror, clients: int = 32) -> None:
+    """32 clients at once, mid blob cached: aggregate rate, mirror vs nginx."""
+    blob = bench.upstream.blobs["mid"]
+    log(f"{clients} clients, warm {blob.size // MIB} MiB")
+    nginx_path = f"/{blob.hex}"
+    read(bench.nginx.port, nginx_path, blob.size)
+    nginx_rate = repeat(
+        bench.sizes.repeats,
+        lambda: read(bench.nginx.port, nginx_path, blob.size, clients).throughput,
+    )
+    read(mirror.port, blob.api_path, blob.size)
+    mirror_rate = repeat(
+        bench.sizes.repeats,
+        lambda: read(mirror.port, blob.api_path, blob.size, clients).throughput,
+    )
+    mirror.sample_rss()
+    bench.rows.append(
+        Row(
+            f"{clients} clients, {blob.size // MIB} MiB blob cached (aggregate)",
+            mib_s(mirror_rate),
+            f"nginx {mib_s(nginx_rate)}",
+            ratio(mirror_rate, nginx_rate),
+            ">= 0.9x nginx",
+            mirror_rate >= 0.9 * nginx_rate,
+            {"mirror": mirror_rate, "nginx": nginx_rate},
+        )
+    )
+
+
+def request_rates(bench: Bench, mirror: Mirror, proxy: Registry) -> None:
+    """HEAD of a blob and GET of a manifest by digest, 16 connections.
+
+    HEAD goes through our own client (wrk hangs on HEAD), GET through wrk.
+    """
+    blob = bench.upstream.blobs["mid"]
+    manifest = f"/v2/{REPOSITORY}/manifests/{bench.upstream.manifest_digest}"
+    cases = [("HEAD of a blob", "HEAD", blob.api_path, run_rate_clients),
+             ("GET of a manifest by digest", "GET", manifest, run_wrk)]  # fmt: skip
+    for label, method, path, tool in cases:
+        log(f"request rate: {label}")
+        rates: dict[str, float] = {}
+        errors: dict[str, int] = {}
+        for name, port in (("mirror", mirror.port), ("proxy", proxy.port)):
+            # A short run first, so both serve it from their own store.
+            tool(port, path, method=method, accept=_MANIFEST_ACCEPT, seconds=1)
+            result = tool(
+                port, path, method=method, accept=_MANIFEST_ACCEPT,
+                seconds=bench.sizes.rate_seconds,
+            )  # fmt: skip
+            rates[name], errors[name] = result.rate, result.errors
+        mirror.sample_rss()
+        bench.rows.append(
+            Row(
+                f"{label}, 16 connections",
+                f"{rates['mirror']:,.0f} req/s{_errors(errors['mirror'])}",
+                f"proxy registry {rates['proxy']:,.0f} req/s{_errors(errors['proxy'])}",
+                ratio(rates["mirror"], rates["proxy"]),
+                ">= proxy registry, no errors",
+                rates["mirror"] >= rates["proxy"] and not errors["mirror"],
+                {"rates": rates, "errors": errors},
+            )
+        )
+
+
+def _errors(count: float) -> str:
+    return f", {count:.0f} errors" if count else ""
+
+
+def tag_load(bench: Bench, mirror: Mirror, proxy: Registry) -> None:
+    """GET of a manifest by tag, 16 connections: upstream requests per request."""
+    path = f"/v2/{REPOSITORY}/manifests/{TAG}"
+    seconds = bench.sizes.tag_seconds
+    log(f"manifest by tag for {seconds} s")
+    per_request = {}
+    counts = {}
+    for name, port in (("mirror", mirror.port), ("proxy", proxy.port)):
+        since = len(bench.upstream.registry.access_log())
+        result = run_wrk(port, path, accept=_MANIFEST_ACCEPT, seconds=seconds)
+        upstream = len(bench.upstream.registry.access_log()[since:])
+        per_request[name] = ratio(upstream, result.requests)
+        counts[name] = {"client_requests": result.requests, "upstream": upstream,
+                        "rate": result.rate, "errors": result.errors}  # fmt: skip
+    mirror.sample_rss()
+    m, p = counts["mirror"], counts["proxy"]
+    bench.rows.append(
+        Row(
+            f"GET of a manifest by tag, 16 connections, {seconds} s",
+            f"{per_request['mirror']:.4f} upstream/request "
+            f"({m['upstream']} of {m['client_requests']}, {m['rate']:,.0f} req/s"
+            f"{_errors(m['errors'])})",
+            f"proxy registry {per_request['proxy']:.2f} "
+            f"({p['upstream']} of {p['client_requests']}, {p['rate']:,.0f} req/s"
+            f"{_errors(p['errors'])})",
+            per_request["mirror"],
+            "<= 0.1 upstream requests per request, no errors",
+            per_request["mirror"] <= 0.1 and not m["errors"],
+            {"mirror": m, "proxy": p},
+        )
+    )
+
+
+def peak_rss(bench: Bench, reference: Mirror) -> None:
+    """Peak RSS of every mirror so far; then the huge blob against the big one."""
+    peak = max(mirror.sample_rss() for mirror in bench.mirrors)
+    bench.rows.append(
+        Row(
+            "peak RSS of the mirror, all of the above",
+            f"{peak / MIB:.1f} MiB",
+            f"limit {_RSS_LIMIT // MIB} MiB",
+            ratio(peak, _RSS_LIMIT),
+            "< 128 MiB",
+            peak < _RSS_LIMIT,
+            {"peak": peak, "per_mirror": [m.peak_rss for m in bench.mirrors]},
+        )
+    )
+    if bench.sizes.huge is not None:
+        huge_rss(bench, bench.sizes.huge, reference.peak_rss)
+
+
+def huge_rss(bench: Bench, size: int, reference: int) -> None:
+    """A fresh mirror reads a huge blob cold then warm; its peak RSS must match."""
+    label = f"peak RSS, {size // GIB} GiB blob (cold + warm read)"
+    free = shutil.disk_usage(bench.workdir).free
+    if free < _HUGE_FREE_NEEDED:
+        message = f"skipped: {free / GIB:.1f} GiB free, need {_HUGE_FREE_NEEDED // GIB}"
+        log(message)
+        bench.rows.append(Row(label, message, "", None, "", None, {"free": free}))
+        return
+
+    log(f"seeding and reading a {size // GIB} GiB blob")
+    blob = bench.upstream.seed("huge", size, seed=3)
+    mirror = bench.new_mirror()
+    try:
+        cold = read(mirror.port, blob.api_path, blob.size).throughput
+        warm = read(mirror.port, blob.api_path, blob.size).throughput
+        rss = mirror.sample_rss()
+    finally:
+        bench.retire(mirror)
+        blob.path.unlink(missing_ok=True)
+    big = bench.upstream.blobs["big"].size
+    same = abs(rss - reference) <= max(8 * MIB, reference // 10)
+    bench.rows.append(
+        Row(
+            label,
+            f"{rss / MIB:.1f} MiB (cold {mib_s(cold)}, warm {mib_s(warm)})",
+            f"{big // GIB} GiB blob: {reference / MIB:.1f} MiB",
+            ratio(rss, reference),
+            "< 128 MiB and within 10% (or 8 MiB) of the 1 GiB case",
+            rss < _RSS_LIMIT and same,
+            {"rss": rss, "reference": reference, "cold": cold, "warm": warm},
+        )
+    )
+
+
+def run(bench: Bench) -> None:
+    bench.start()
+    big_mirror = cold_single(bench)
+    warm_single(bench, big_mirror)
+    big_mirror.stop()
+    mirror, proxy = cold_fanout(bench)
+    warm_fanout(bench, mirror)
+    request_rates(bench, mirror, proxy)
+    tag_load(bench, mirror, proxy)
+    bench.retire(mirror)
+    bench.retire_proxy(proxy)
+    peak_rss(bench, big_mirror)
+
+
+# -- output -------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| check | tcr-mirror | reference | ratio | target | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        shown = "" if row.ratio is None else f"{row.ratio:.2f}"
+        result = {True: "PASS", False: "FAIL", None: "SKIP"}[row.passed]
+        lines.append(
+            f"| {row.check} | {row.mirror} | {row.reference} | {shown} "
+            f"| {row.target} | {result} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small blobs, short runs (< 2 min)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    parser.add_argument(
+        "--workdir", type=Path, help="parent of the temporary directory (/tmp)"
+    )
+    return parser.parse_args(argv)
+
+
+def missing_tools() -> list[str]:
+    tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk"]
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    started = datetime.datetime.now(datetime.UTC)
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"date: {started.isoformat(timespec='seconds')}")
+    missing = missing_tools()
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (apt-get install -y wrk nginx "
+              "docker-registry)", file=sys.stderr)  # fmt: skip
+        return 2
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+    failed: BaseException | None = None
+    with ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="tcr-bench-", dir=args.workdir))
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        bench = Bench(workdir, sizes, stack)
+        try:
+            run(bench)
+        except Exception as exc:
+            failed = exc
+            log(f"benchmark failed: {type(exc).__name__}: {exc}")
+
+    elapsed = datetime.datetime.now(datetime.UTC) - started
+    print(table(bench.rows))
+    print(f"took {elapsed.total_seconds():.0f} s")
+    if args.json is not None:
+        document = {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "date": started.isoformat(timespec="seconds"),
+            "mode": "quick" if args.quick else "full",
+            "sizes": asdict(sizes),
+            "seconds": elapsed.total_seconds(),
+            "error": None if failed is None else f"{type(failed).__name__}: {failed}",
+            "rows": [asdict(row) for row in bench.rows],
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    return 1 if failed is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
