@@ -23,16 +23,33 @@ from tcr_mirror.proxy._config import (
 )
 from tcr_mirror.proxy._daemon import serve_until_signal
 
-__all__ = ["register"]
+__all__ = ["build_node_parser", "register"]
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "node",
         help="run the node mirror (pull-through cache) in the foreground",
-        description="Serve the OCI distribution pull API as a caching mirror "
-        "of the configured upstream registries, until SIGTERM or SIGINT.",
+        description=_DESCRIPTION,
     )
+    _add_options(parser)
+    parser.set_defaults(func=_run)
+
+
+def build_node_parser() -> argparse.ArgumentParser:
+    """The ``node`` options alone, for tests and tools."""
+    parser = argparse.ArgumentParser(prog="tcr-mirror node", description=_DESCRIPTION)
+    _add_options(parser)
+    return parser
+
+
+_DESCRIPTION = (
+    "Serve the OCI distribution pull API as a caching mirror of the configured "
+    "upstream registries, until SIGTERM or SIGINT."
+)
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file")
     parser.add_argument(
         "--listen", metavar="HOST:PORT", help="address to serve (127.0.0.1:5000)"
@@ -98,7 +115,6 @@ def register(subparsers: Any) -> None:
         "--read-timeout", type=float, metavar="SECONDS", help="upstream (30)"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
