@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -142,7 +143,12 @@ class BlobStore:
         except FileNotFoundError:
             self._forget_blob(digest)
             return None
-        self._put_blob(digest, BlobEntry(entry.size, time.time(), entry.stored_at))
+        try:
+            self._put_blob(digest, BlobEntry(entry.size, time.time(), entry.stored_at))
+        except lmdb.Error as exc:
+            # Only the eviction order suffers: a full disk must not stop
+            # the node serving what it already has.
+            logger.warning("access_time_not_saved", extra={"reason": str(exc)})
         return fd, entry.size
 
     def new_temp_path(self, digest: Digest) -> Path:
@@ -159,7 +165,11 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(temp_path, final)
         now = time.time()
-        self._put_blob(digest, BlobEntry(size, now, now))
+        try:
+            self._put_blob(digest, BlobEntry(size, now, now))
+        except lmdb.Error as exc:
+            final.unlink(missing_ok=True)
+            raise StoreFull(f"cannot index blob {digest}: {exc}") from exc
         self._reserved.pop(digest, None)
         self._used += size
         return final
@@ -179,16 +189,27 @@ class BlobStore:
                 not in use.
         """
         limit = self.budget.max_bytes
-        self._reserved[digest] = size
-        if limit is None or self.used_bytes <= limit * self.budget.high:
-            return
-        self.evict_to(int(limit * self.budget.low))
-        if self.used_bytes > limit:
-            del self._reserved[digest]
+        if limit is not None and self.used_bytes + size - self._idle_bytes() > limit:
+            # Checked before evicting anything: a blob that cannot fit must
+            # not flush the cache on its way to failing.
             raise StoreFull(
                 f"no room for blob {digest} ({size} bytes) in a store of "
-                f"{limit} bytes with {self._used} bytes in use"
+                f"{limit} bytes with {self.used_bytes} bytes in use"
             )
+        self._reserved[digest] = size
+        if limit is not None and self.used_bytes > limit * self.budget.high:
+            self.evict_to(int(limit * self.budget.low))
+
+    def _idle_bytes(self) -> int:
+        """Bytes of stored blobs that could be evicted now."""
+        return sum(
+            entry.size
+            for key, entry in self.blobs()
+            if not self._busy(parse_digest(key))
+        )
+
+    def _busy(self, digest: Digest) -> bool:
+        return bool(self._readers[digest]) or digest in self._reserved
 
     def unreserve(self, digest: Digest) -> None:
         """Give back the room of a fetch that failed."""
@@ -214,7 +235,7 @@ class BlobStore:
             if self.used_bytes <= target:
                 break
             digest = parse_digest(key)
-            if self._readers[digest] or digest in self._reserved:
+            if self._busy(digest):
                 continue
             self._forget_blob(digest)
             self.blob_path(digest).unlink(missing_ok=True)
@@ -253,8 +274,7 @@ class BlobStore:
     def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
         # Media types cannot hold a newline (RFC 6838), so it can separate.
         record = media_type.encode() + b"\n" + body
-        with self._env.begin(db=self._manifests, write=True) as txn:
-            txn.put(str(digest).encode(), record)
+        self._write_best_effort(self._manifests, str(digest).encode(), record)
 
     def get_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
         with self._env.begin(db=self._tags) as txn:
@@ -263,8 +283,16 @@ class BlobStore:
 
     def put_tag(self, upstream: str, name: str, tag: str, entry: TagEntry) -> None:
         record = json.dumps(entry.__dict__).encode()
-        with self._env.begin(db=self._tags, write=True) as txn:
-            txn.put(_tag_key(upstream, name, tag), record)
+        self._write_best_effort(self._tags, _tag_key(upstream, name, tag), record)
+
+    def _write_best_effort(self, db: Any, key: bytes, value: bytes) -> None:
+        # Manifests and tags are cheap to fetch again; a full disk only
+        # costs their caching, never the answer to the client.
+        try:
+            with self._env.begin(db=db, write=True) as txn:
+                txn.put(key, value)
+        except lmdb.Error as exc:
+            logger.warning("index_write_failed", extra={"reason": str(exc)})
 
     def delete_tag(self, upstream: str, name: str, tag: str) -> None:
         with self._env.begin(db=self._tags, write=True) as txn:
