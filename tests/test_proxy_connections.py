@@ -289,9 +289,6 @@ async def test_an_idle_keep_alive_connection_is_closed(
     assert _IDLE_TIMEOUT <= waited < _IDLE_TIMEOUT + 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: _http._drain_body reads a request body with no timeout"
-)
 async def test_a_body_announced_and_never_sent_is_given_up(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -305,11 +302,6 @@ async def test_a_body_announced_and_never_sent_is_given_up(
     assert waited is not None, "the mirror waits forever for a request body"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="missing: _http._send_response/_send_file have no send timeout, so a "
-    "client that never reads holds its connection and blob fd forever",
-)
 async def test_a_client_that_never_reads_its_blob_is_given_up(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -492,11 +492,6 @@ def _cuts(size: int) -> st.SearchStrategy[list[int] | None]:
 # -- the properties -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _http._drain_body lets h11.RemoteProtocolError (cut or malformed "
-    "request body) escape _serve_connection, which crashes the whole daemon",
-)
 @FUZZ
 @given(data=st.data(), head=requests(), twice=st.booleans())
 def test_request_heads_are_answered_in_http(
@@ -560,11 +555,6 @@ _fresh = itertools.count()
 _odd_accept = st.tuples(st.sampled_from(_ACCEPTS), _odd_value).map(", ".join)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a non-ASCII byte in Accept reaches httpx via _mirror._head_manifest/"
-    "_get_manifest, UnicodeEncodeError, answered 500 with body {}",
-)
 @FUZZ
 @given(
     method=st.sampled_from(["GET", "HEAD"]),
@@ -633,11 +623,6 @@ def test_raw_bytes_are_answered_in_http_or_hung_up_on(
     check_healthy(daemon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _http._drain_body lets h11.RemoteProtocolError (cut or malformed "
-    "request body) escape _serve_connection, which crashes the whole daemon",
-)
 @pytest.mark.parametrize(
     "sent",
     [

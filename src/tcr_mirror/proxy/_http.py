@@ -34,6 +34,9 @@ _SENDFILE_CHUNK = 8 << 20
 # connection is closed after this long.
 _HEAD_TIMEOUT = 30.0
 _IDLE_TIMEOUT = 120.0
+# A client that takes no bytes at all for this long is dropped, so a reader
+# that stopped reading cannot hold a connection and a blob file forever.
+_SEND_STALL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,15 @@ class HttpServer:
         try:
             async with stream:
                 await self._serve_requests(connection, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, FetchAborted):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            h11.ProtocolError,
+            FetchAborted,
+        ):
+            # The client broke the protocol mid-body, stalled, or the blob's
+            # fetch failed after its head went out: only closing is left.
             pass
         except OSError as exc:
             logger.debug("connection_failed", extra={"error": str(exc)})
@@ -132,7 +143,8 @@ class HttpServer:
             if not isinstance(event, h11.Request):
                 return
             request = _to_request(event)
-            await _drain_body(connection, stream)
+            with trio.fail_after(_HEAD_TIMEOUT):
+                await _drain_body(connection, stream)
             started = trio.current_time()
             response = await self._respond(request)
             try:
@@ -159,7 +171,8 @@ class HttpServer:
                 "request_crashed",
                 extra={"method": request.method, "target": request.target},
             )
-            return Response(500, [("Content-Type", "application/json")], b"{}")
+            body = b'{"errors":[{"code":"UNKNOWN","message":"internal error"}]}'
+            return Response(500, [("Content-Type", "application/json")], body)
 
 
 def _reason(status: int) -> bytes:
@@ -280,22 +293,27 @@ async def _send_response(
             )
         )
         if request.method == "HEAD" or not len(body):
-            await stream.send_all(head + connection.send(h11.EndOfMessage()))
+            await _send_all(stream, head + connection.send(h11.EndOfMessage()))
         elif isinstance(body, bytes):
             data = connection.send(h11.Data(data=body))
-            await stream.send_all(head + data + connection.send(h11.EndOfMessage()))
+            await _send_all(stream, head + data + connection.send(h11.EndOfMessage()))
         else:
-            await stream.send_all(head)
+            await _send_all(stream, head)
             # Passthrough lets h11 frame bytes it never sees: it only takes
             # len() of the body, and sendfile moves them.
             connection.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[arg-type]
             await _send_file(stream, body, on_sent)
-            await stream.send_all(connection.send(h11.EndOfMessage()))
+            await _send_all(stream, connection.send(h11.EndOfMessage()))
     finally:
         if isinstance(body, FileBody):
             os.close(body.fd)
             if body.release is not None:
                 body.release()
+
+
+async def _send_all(stream: trio.SocketStream, data: bytes) -> None:
+    with trio.fail_after(_SEND_STALL_TIMEOUT):
+        await stream.send_all(data)
 
 
 async def _send_file(
@@ -322,7 +340,8 @@ async def _sendfile(
         try:
             sent = os.sendfile(sock.fileno(), fd, offset, min(count, _SENDFILE_CHUNK))
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+            with trio.fail_after(_SEND_STALL_TIMEOUT):
+                await trio.lowlevel.wait_writable(sock)
             continue
         if sent == 0:
             raise trio.BrokenResourceError("file ended before its declared length")

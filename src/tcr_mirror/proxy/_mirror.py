@@ -162,7 +162,7 @@ class Mirror:
     async def _manifest(
         self, route: Route, upstream: Upstream, request: Request
     ) -> Response:
-        accept = request.headers.get("accept", "")
+        accept = _printable_accept(request.headers.get("accept", ""))
         if route.digest is not None:
             manifest = await self._manifest_by_digest(route, upstream, accept)
         else:
@@ -429,6 +429,15 @@ def _upstream_accept(accept: str) -> str:
 
 def _media_types(accept: str) -> set[str]:
     return {part.split(";")[0].strip() for part in accept.split(",")} - {""}
+
+
+def _printable_accept(accept: str) -> str:
+    """Drop the media ranges of an Accept header that are not plain ASCII.
+
+    No registry media type needs more, and they cannot be sent upstream.
+    """
+    parts = (part.strip() for part in accept.split(","))
+    return ", ".join(p for p in parts if p and p.isascii() and p.isprintable())
 
 
 def _accepts(accept: str, media_type: str) -> bool:
