@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -144,9 +145,16 @@ def median(values: list[float]) -> float:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def repeat(times: int, measure: Callable[[], float]) -> float:
-    """The median of ``times`` measurements."""
-    return median([measure() for _ in range(times)])
+def interleave(times: int, *measures: Callable[[], float]) -> list[float]:
+    """The median of each measurement, taken in turns (A B A B ...).
+
+    Other load on the machine then weighs on every server alike.
+    """
+    samples: list[list[float]] = [[] for _ in measures]
+    for _ in range(times):
+        for index, measure in enumerate(measures):
+            samples[index].append(measure())
+    return [median(values) for values in samples]
 
 
 def mib_s(rate: float) -> str:
@@ -192,9 +200,9 @@ def cold_single(bench: Bench) -> Mirror:
         finally:
             bench.retire_proxy(proxy)
 
-    upstream_rate = repeat(bench.sizes.repeats, direct)
-    mirror_rate = repeat(bench.sizes.repeats, through_mirror)
-    proxy_rate = repeat(max(1, bench.sizes.repeats - 1), through_proxy)
+    upstream_rate, mirror_rate, proxy_rate = interleave(
+        bench.sizes.repeats, direct, through_mirror, through_proxy
+    )
     passed = mirror_rate >= 0.8 * upstream_rate and mirror_rate > proxy_rate
     bench.rows.append(
         Row(
@@ -222,13 +230,10 @@ def warm_single(bench: Bench, mirror: Mirror) -> None:
     log(f"warm read of {blob.size // MIB} MiB")
     nginx_path = f"/{blob.hex}"
     read(bench.nginx.port, nginx_path, blob.size)
-    nginx_rate = repeat(
+    read(mirror.port, blob.api_path, blob.size)
+    nginx_rate, mirror_rate = interleave(
         bench.sizes.repeats,
         lambda: read(bench.nginx.port, nginx_path, blob.size).throughput,
-    )
-    read(mirror.port, blob.api_path, blob.size)
-    mirror_rate = repeat(
-        bench.sizes.repeats,
         lambda: read(mirror.port, blob.api_path, blob.size).throughput,
     )
     mirror.sample_rss()
@@ -303,13 +308,10 @@ def warm_fanout(bench: Bench, mirror: Mirror, clients: int = 32) -> None:
     log(f"{clients} clients, warm {blob.size // MIB} MiB")
     nginx_path = f"/{blob.hex}"
     read(bench.nginx.port, nginx_path, blob.size)
-    nginx_rate = repeat(
+    read(mirror.port, blob.api_path, blob.size)
+    nginx_rate, mirror_rate = interleave(
         bench.sizes.repeats,
         lambda: read(bench.nginx.port, nginx_path, blob.size, clients).throughput,
-    )
-    read(mirror.port, blob.api_path, blob.size)
-    mirror_rate = repeat(
-        bench.sizes.repeats,
         lambda: read(mirror.port, blob.api_path, blob.size, clients).throughput,
     )
     mirror.sample_rss()
@@ -495,6 +497,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_average() -> str:
+    # Other work on this 2-core machine skews figures; the load tells how much.
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
 def missing_tools() -> list[str]:
     tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk"]
     return [tool for tool in tools if shutil.which(tool) is None]
@@ -509,7 +517,7 @@ def main(argv: list[str]) -> int:
     sizes = QUICK if args.quick else FULL
     started = datetime.datetime.now(datetime.UTC)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"date: {started.isoformat(timespec='seconds')}")
+    print(f"date: {started.isoformat(timespec='seconds')}; {load_average()}")
     missing = missing_tools()
     if missing:
         print(f"missing tools: {', '.join(missing)} (apt-get install -y wrk nginx "
@@ -530,7 +538,7 @@ def main(argv: list[str]) -> int:
 
     elapsed = datetime.datetime.now(datetime.UTC) - started
     print(table(bench.rows))
-    print(f"took {elapsed.total_seconds():.0f} s")
+    print(f"took {elapsed.total_seconds():.0f} s; {load_average()}")
     if args.json is not None:
         document = {
             "command": shlex.join([sys.executable, *sys.argv]),
