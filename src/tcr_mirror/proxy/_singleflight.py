@@ -39,7 +39,10 @@ class SingleFlight(Generic[T]):
             await call.finished.wait()
             result = call.result
             if result is not None and not _was_cancelled(result):
-                return result.unwrap()
+                # An Outcome unwraps once; the leader has used it already.
+                if isinstance(result, outcome.Value):
+                    return result.value
+                raise result.error
 
     async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
         call: _Call[T] = _Call()

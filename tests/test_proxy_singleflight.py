@@ -1,0 +1,100 @@
+"""SingleFlight: one call per key, every waiter gets its outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from tcr_mirror.proxy._singleflight import SingleFlight
+
+
+async def test_waiters_share_one_call_result(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    calls = 0
+    results: list[int] = []
+
+    async def slow() -> int:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(1)
+        return 42
+
+    async def ask() -> None:
+        results.append(await flight.do("key", slow))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask)
+    assert calls == 1
+    assert results == [42] * 5
+
+
+async def test_waiters_share_one_call_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    errors: list[BaseException] = []
+
+    async def fails() -> int:
+        await trio.sleep(1)
+        raise LookupError("nope")
+
+    async def ask() -> None:
+        with pytest.raises(LookupError) as info:
+            await flight.do("key", fails)
+        errors.append(info.value)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(ask)
+    assert len(errors) == 3
+
+
+async def test_a_cancelled_leader_lets_a_waiter_retry() -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    started = trio.Event()
+
+    async def forever() -> str:
+        started.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def quick() -> str:
+        return "second"
+
+    async with trio.open_nursery() as nursery:
+        leader = trio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await flight.do("key", forever)
+
+        nursery.start_soon(lead)
+        await started.wait()
+        result: list[str] = []
+
+        async def wait() -> None:
+            result.append(await flight.do("key", quick))
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        leader.cancel()
+    assert result == ["second"]
+
+
+async def test_different_keys_do_not_share() -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    assert await flight.do("a", _value("x")) == "x"
+    assert await flight.do("b", _value("y")) == "y"
+
+
+def _value(text: str) -> Callable[[], Awaitable[str]]:
+    async def call() -> str:
+        return text
+
+    return call
