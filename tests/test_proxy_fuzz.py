@@ -99,6 +99,8 @@ async def _serve_upstream(stream: trio.SocketStream) -> None:
             if request.method != b"HEAD":
                 answer += connection.send(h11.Data(body))
             await stream.send_all(answer + connection.send(h11.EndOfMessage()))
+            if connection.our_state is not h11.DONE:
+                return  # the client asked to close (blob GETs do)
             connection.start_next_cycle()
 
 

@@ -30,7 +30,6 @@ import os
 import re
 from pathlib import Path
 
-import httpx
 import trio
 
 from tcr_mirror.proxy._errors import (
@@ -40,6 +39,7 @@ from tcr_mirror.proxy._errors import (
     UpstreamUnavailable,
 )
 from tcr_mirror.proxy._oci import Digest
+from tcr_mirror.proxy._rawget import BodyBroken, RawResponse
 from tcr_mirror.proxy._store import BlobStore
 from tcr_mirror.proxy._upstream import Upstream, status_error
 
@@ -65,6 +65,7 @@ class BlobFetch:
             file once :attr:`done`.
         size: The blob's size once the upstream told it, else None.
         written: Bytes written to the file so far.
+        verified: The blob's bytes matched its digest.
         done: The blob is verified and in the store.
         error: Why the fetch failed, if it did.
     """
@@ -74,6 +75,7 @@ class BlobFetch:
         self.path = path
         self.size: int | None = None
         self.written = 0
+        self.verified = False
         self.done = False
         self.error: RegistryError | None = None
         self._changed = trio.Event()
@@ -107,7 +109,7 @@ class BlobFetch:
 
     def available(self) -> int:
         """Bytes a client may be sent now (the last waits for the digest)."""
-        if self.done:
+        if self.verified:
             return self.written
         if self.size is None:
             return 0
@@ -124,7 +126,7 @@ class BlobFetch:
             FetchAborted: The fetch failed.
         """
         while True:
-            if self.error is not None:
+            if self.error is not None and not self.verified:
                 raise FetchAborted(self.error.message)
             available = self.available()
             if available > offset:
@@ -175,6 +177,10 @@ class BlobFetcher:
         logger.info("blob_fetch_started", extra=log)
         try:
             await self._download(fetch, fd, upstream, repository)
+            # The bytes are right: clients may have the last one now, while
+            # the file is made durable for the store.
+            fetch.verified = True
+            fetch.notify()
             await trio.to_thread.run_sync(os.fsync, fd)
             assert fetch.size is not None
             fetch.path = self._store.commit_blob(fetch.digest, fetch.path, fetch.size)
@@ -204,8 +210,8 @@ class BlobFetcher:
         while True:
             headers = {"Range": f"bytes={fetch.written}-"} if fetch.written else {}
             try:
-                async with upstream.request(
-                    "GET", path, repository=repository, headers=headers
+                async with upstream.open_blob(
+                    path, repository=repository, headers=headers
                 ) as response:
                     first = fetch.size is None
                     _check_response(response, fetch, upstream.key)
@@ -214,12 +220,11 @@ class BlobFetcher:
                         self._store.reserve(fetch.digest, fetch.size)
                     fetch.notify()
                     await _absorb(response, fetch, fd, hasher)
-            except (httpx.TransportError, httpx.StreamError) as exc:
+            except BodyBroken as exc:
                 resumes += 1
                 if resumes > _MAX_RESUMES or fetch.size is None:
                     raise UpstreamUnavailable(
-                        f"upstream {upstream.key} broke off the blob: "
-                        f"{type(exc).__name__}"
+                        f"upstream {upstream.key} broke off the blob: {exc}"
                     ) from exc
                 logger.info(
                     "blob_fetch_resumed",
@@ -242,28 +247,107 @@ def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
     return UpstreamUnavailable(f"fetch of {digest} failed: {type(exc).__name__}")
 
 
+class _Absorber:
+    """Writes and hashes a blob's bytes in a worker thread, one batch at a time.
+
+    The event loop only receives: bytes that arrive while a batch is being
+    written and hashed wait and go out as the next batch, so batches grow
+    with the upstream's speed and no byte waits for a batch to fill. Both
+    ``pwrite`` and sha256 release the GIL, so this uses the second core.
+    """
+
+    def __init__(self, fetch: BlobFetch, fd: int, hasher: hashlib._Hash) -> None:
+        self._fetch = fetch
+        self._fd = fd
+        self._hasher = hasher
+        self._pending: list[bytes | bytearray] = []
+        self.backlog = 0
+        self.error: OSError | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def add(self, nursery: trio.Nursery, chunk: bytes | bytearray) -> None:
+        self._pending.append(chunk)
+        self.backlog += len(chunk)
+        if self._idle.is_set():
+            self._start(nursery)
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        batch, size = self._pending, self.backlog
+        self._pending, self.backlog = [], 0
+        self._idle = trio.Event()
+        nursery.start_soon(self._write, nursery, batch, size)
+
+    async def _write(
+        self, nursery: trio.Nursery, batch: list[bytes | bytearray], size: int
+    ) -> None:
+        try:
+            offset = self._fetch.written
+            await trio.to_thread.run_sync(self._write_and_hash, batch, offset)
+            self._fetch.written += size
+            self._fetch.notify()
+        except OSError as exc:
+            # A full disk: kept for _absorb to raise, outside the nursery.
+            self.error = exc
+            return
+        finally:
+            self._idle.set()
+        if self._pending:
+            self._start(nursery)
+
+    def _write_and_hash(self, batch: list[bytes | bytearray], offset: int) -> None:
+        views = [memoryview(piece) for piece in batch]
+        while views:
+            written = os.pwritev(self._fd, views, offset)
+            offset += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+        for piece in batch:
+            self._hasher.update(piece)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+# Received bytes not yet written that make the loop wait for the writer.
+_MAX_BACKLOG = 16 << 20
+
+
 async def _absorb(
-    response: httpx.Response, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
+    response: RawResponse, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
 ) -> None:
     assert fetch.size is not None
-    # No chunk size: httpx would hold bytes back until a chunk filled and
-    # drop them when the body is cut, so the resume would ask for bytes
-    # already received and clients would wait for them.
-    async for chunk in response.aiter_raw():
-        if fetch.written + len(chunk) > fetch.size:
-            raise UpstreamUnavailable("upstream sent more bytes than the blob's size")
-        view = memoryview(chunk)
-        while view:
-            written = os.pwrite(fd, view, fetch.written)
-            fetch.written += written
-            view = view[written:]
-        hasher.update(chunk)
-        fetch.notify()
+    received = fetch.written
+    absorber = _Absorber(fetch, fd, hasher)
+    failure: Exception | None = None
+    # The nursery ends only when every received byte is written, also when
+    # the body is cut: the resume then starts right after them.
+    async with trio.open_nursery() as nursery:
+        try:
+            while (chunk := await response.receive()) and absorber.error is None:
+                received += len(chunk)
+                if received > fetch.size:
+                    raise UpstreamUnavailable(
+                        "upstream sent more bytes than the blob's size"
+                    )
+                absorber.add(nursery, chunk)
+                if absorber.backlog > _MAX_BACKLOG:
+                    await absorber.wait_idle()
+        except (BodyBroken, RegistryError) as exc:
+            # Raised after the nursery, so the writer is not cancelled.
+            failure = exc
+    if absorber.error is not None:
+        raise absorber.error
+    if failure is not None:
+        raise failure
     if fetch.written != fetch.size:
-        raise httpx.RemoteProtocolError("upstream body ended early")
+        raise BodyBroken("upstream body ended early")
 
 
-def _check_response(response: httpx.Response, fetch: BlobFetch, key: str) -> None:
+def _check_response(response: RawResponse, fetch: BlobFetch, key: str) -> None:
     status = response.status_code
     if fetch.written == 0 and status == 200:
         fetch.size = _content_length(response, key)
@@ -276,7 +360,7 @@ def _check_response(response: httpx.Response, fetch: BlobFetch, key: str) -> Non
     raise status_error(response, f"blob {fetch.digest}", key, not_found=BlobUnknown)
 
 
-def _content_length(response: httpx.Response, key: str) -> int:
+def _content_length(response: RawResponse, key: str) -> int:
     text = response.headers.get("content-length", "")
     if not text.isdigit():
         raise UpstreamUnavailable(f"upstream {key} sent a blob without Content-Length")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import outcome
 import trio
@@ -41,7 +41,8 @@ class SingleFlight(Generic[T]):
             if result is not None and not _was_cancelled(result):
                 # An Outcome unwraps once; the leader has used it already.
                 if isinstance(result, outcome.Value):
-                    return result.value
+                    return cast(T, result.value)
+                assert isinstance(result, outcome.Error)
                 raise result.error
 
     async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:

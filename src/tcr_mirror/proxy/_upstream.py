@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
+import h11
 import httpx
 import trio
 
@@ -40,6 +41,7 @@ from tcr_mirror.proxy._errors import (
     UpstreamUnavailable,
 )
 from tcr_mirror.proxy._metrics import MirrorMetrics
+from tcr_mirror.proxy._rawget import RawResponse, raw_get
 
 __all__ = [
     "CredentialSource",
@@ -118,8 +120,10 @@ class Upstream:
         self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
+        self._timeouts = timeouts or UpstreamTimeouts()
+        self._user_agent = user_agent
         self._client = httpx.AsyncClient(
-            timeout=(timeouts or UpstreamTimeouts()).as_httpx(),
+            timeout=self._timeouts.as_httpx(),
             follow_redirects=False,
             http2=http2,
             headers={"User-Agent": user_agent},
@@ -160,6 +164,23 @@ class Upstream:
                 while.
         """
         response = await self._send(method, path, repository, headers, params)
+        assert isinstance(response, httpx.Response)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    @asynccontextmanager
+    async def open_blob(
+        self, path: str, *, repository: str, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[RawResponse]:
+        """Like :meth:`request` for a blob ``GET``, with a body read raw.
+
+        The body is read with :meth:`RawResponse.receive` in large pieces,
+        on a connection of its own that is closed afterwards.
+        """
+        response = await self._send("GET", path, repository, headers, None, raw=True)
+        assert isinstance(response, RawResponse)
         try:
             yield response
         finally:
@@ -172,7 +193,9 @@ class Upstream:
         repository: str,
         headers: Mapping[str, str] | None,
         params: Mapping[str, str] | None,
-    ) -> httpx.Response:
+        *,
+        raw: bool = False,
+    ) -> httpx.Response | RawResponse:
         self._check_not_blocked()
         scope = f"repository:{repository}:pull"
         answered_challenge = False
@@ -183,7 +206,7 @@ class Upstream:
             if authorization:
                 request_headers["Authorization"] = authorization
             url = self.base_url + path
-            response = await self._follow(method, url, request_headers, params)
+            response = await self._follow(method, url, request_headers, params, raw)
 
             if response.status_code == 401 and not answered_challenge:
                 challenge = parse_challenge(
@@ -221,23 +244,20 @@ class Upstream:
         url: str,
         headers: dict[str, str],
         params: Mapping[str, str] | None,
-    ) -> httpx.Response:
+        raw: bool,
+    ) -> httpx.Response | RawResponse:
         origin = urlsplit(url).netloc
         for _ in range(_MAX_REDIRECTS + 1):
-            request = self._client.build_request(
-                method, url, headers=headers, params=params
-            )
             started = trio.current_time()
+            response: httpx.Response | RawResponse
             try:
-                response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
+                if raw:
+                    response = await self._raw_get(url, headers)
+                else:
+                    response = await self._httpx_send(method, url, headers, params)
+            except UpstreamUnavailable:
                 self._observe(None, started)
-                raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
-            except httpx.HTTPError as exc:
-                self._observe(None, started)
-                raise UpstreamUnavailable(
-                    f"upstream {self.key} unreachable: {type(exc).__name__}"
-                ) from exc
+                raise
             self._observe(response.status_code, started)
             location = response.headers.get("location")
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
@@ -250,6 +270,41 @@ class Upstream:
                 # for the registry alone.
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
         raise UpstreamUnavailable(f"upstream {self.key} redirected too many times")
+
+    async def _httpx_send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        request = self._client.build_request(
+            method, url, headers=headers, params=params
+        )
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.key} unreachable: {type(exc).__name__}"
+            ) from exc
+
+    async def _raw_get(self, url: str, headers: dict[str, str]) -> RawResponse:
+        headers = {"User-Agent": self._user_agent, **headers}
+        try:
+            return await raw_get(
+                url,
+                headers,
+                connect_timeout=self._timeouts.connect,
+                read_timeout=self._timeouts.read,
+            )
+        except trio.TooSlowError as exc:
+            raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.key} unreachable: {type(exc).__name__}"
+            ) from exc
 
     def _observe(self, status: int | None, started: float) -> None:
         if self._metrics is not None:
@@ -315,8 +370,18 @@ class Upstream:
         return token
 
 
+class ResponseHead(Protocol):
+    """What :func:`status_error` reads of a response."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+
 def status_error(
-    response: httpx.Response,
+    response: ResponseHead,
     what: str,
     key: str,
     *,
