@@ -313,7 +313,7 @@ class _Absorber:
 
 
 # Received bytes not yet written that make the loop wait for the writer.
-_MAX_BACKLOG = 16 << 20
+_MAX_BACKLOG = 4 << 20
 
 
 async def _absorb(

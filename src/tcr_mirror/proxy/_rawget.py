@@ -25,7 +25,7 @@ import trio
 __all__ = ["BodyBroken", "RawResponse", "raw_get"]
 
 _HEAD_READ = 64 * 1024
-_BODY_READ = 4 << 20
+_BODY_READ = 1 << 20
 _MAX_HEAD = 64 * 1024
 
 
