@@ -96,9 +96,10 @@ class ControlPlaneCredentials:
         self._current = Credentials(username, password)
         self._expires_at = expires_at
         until_expiry = expires_at - time.time() - _EXPIRY_MARGIN
-        self._refresh_at = trio.current_time() + max(
-            1.0, min(self._refresh, until_expiry)
-        )
+        # Never later than the refresh period; never sooner than a second
+        # because expiry is near (the control plane renews well before).
+        wait = min(self._refresh, max(1.0, until_expiry))
+        self._refresh_at = trio.current_time() + wait
 
 
 def _parse(response: httpx.Response) -> tuple[str, str, float]:
