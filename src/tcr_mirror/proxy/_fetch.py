@@ -23,11 +23,15 @@ the asked ``206`` fails the fetch.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
+import queue
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -89,6 +93,10 @@ class BlobFetch:
     @property
     def finished(self) -> bool:
         return self.done or self.error is not None
+
+    async def wait_progress(self) -> None:
+        """Wait for the next change of the fetch's state."""
+        await self._changed.wait()
 
     def notify(self) -> None:
         changed, self._changed = self._changed, trio.Event()
@@ -248,72 +256,80 @@ def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
 
 
 class _Absorber:
-    """Writes and hashes a blob's bytes in a worker thread, one batch at a time.
+    """Writes and hashes a blob's bytes on a thread of its own.
 
-    The event loop only receives: bytes that arrive while a batch is being
-    written and hashed wait and go out as the next batch, so batches grow
-    with the upstream's speed and no byte waits for a batch to fill. Both
-    ``pwrite`` and sha256 release the GIL, so this uses the second core.
+    The event loop only receives and queues; the thread writes each piece
+    at its offset and feeds it to sha256 (both release the GIL, so this
+    uses the second core), and reports progress back to the loop without
+    waiting for it (``run_sync_soon``), at most one report in flight. A
+    hop to a worker thread per piece cost more than the piece's hashing.
     """
 
     def __init__(self, fetch: BlobFetch, fd: int, hasher: hashlib._Hash) -> None:
         self._fetch = fetch
         self._fd = fd
         self._hasher = hasher
-        self._pending: list[bytes | bytearray] = []
-        self.backlog = 0
+        self._queue: queue.SimpleQueue[bytes | bytearray | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._offset = fetch.written
+        self._written = fetch.written
+        self._report_due = False
+        self._finished = trio.Event()
         self.error: OSError | None = None
-        self._idle = trio.Event()
-        self._idle.set()
+        threading.Thread(target=self._run, name="blob-writer", daemon=True).start()
 
-    def add(self, nursery: trio.Nursery, chunk: bytes | bytearray) -> None:
-        self._pending.append(chunk)
-        self.backlog += len(chunk)
-        if self._idle.is_set():
-            self._start(nursery)
+    def add(self, chunk: bytes | bytearray) -> None:
+        self._queue.put(chunk)
 
-    def _start(self, nursery: trio.Nursery) -> None:
-        batch, size = self._pending, self.backlog
-        self._pending, self.backlog = [], 0
-        self._idle = trio.Event()
-        nursery.start_soon(self._write, nursery, batch, size)
+    async def finish(self) -> None:
+        """Wait until every piece added is written (or writing failed)."""
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await self._finished.wait()
 
-    async def _write(
-        self, nursery: trio.Nursery, batch: list[bytes | bytearray], size: int
-    ) -> None:
+    def _run(self) -> None:
         try:
-            offset = self._fetch.written
-            await trio.to_thread.run_sync(self._write_and_hash, batch, offset)
-            self._fetch.written += size
-            self._fetch.notify()
-        except OSError as exc:
-            # A full disk: kept for _absorb to raise, outside the nursery.
-            self.error = exc
-            return
+            while (piece := self._queue.get()) is not None:
+                if self.error is None:
+                    self._absorb(piece)
         finally:
-            self._idle.set()
-        if self._pending:
-            self._start(nursery)
+            self._call_soon(self._done)
 
-    def _write_and_hash(self, batch: list[bytes | bytearray], offset: int) -> None:
-        views = [memoryview(piece) for piece in batch]
-        while views:
-            written = os.pwritev(self._fd, views, offset)
-            offset += written
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
-        for piece in batch:
-            self._hasher.update(piece)
+    def _absorb(self, piece: bytes | bytearray) -> None:
+        view = memoryview(piece)
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, self._offset)
+                self._offset += written
+                view = view[written:]
+        except OSError as exc:
+            # A full disk: raised by _absorb in the loop, after finish(); the
+            # report wakes a loop waiting for progress.
+            self.error = exc
+            self._call_soon(self._report)
+            return
+        self._hasher.update(piece)
+        self._written += len(piece)
+        if not self._report_due:
+            self._report_due = True
+            self._call_soon(self._report)
 
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(callback)
+
+    def _report(self) -> None:
+        self._report_due = False
+        self._fetch.written = self._written
+        self._fetch.notify()
+
+    def _done(self) -> None:
+        self._report()
+        self._finished.set()
 
 
 # Received bytes not yet written that make the loop wait for the writer.
-_MAX_BACKLOG = 4 << 20
+_MAX_BACKLOG = 8 << 20
 
 
 async def _absorb(
@@ -322,27 +338,22 @@ async def _absorb(
     assert fetch.size is not None
     received = fetch.written
     absorber = _Absorber(fetch, fd, hasher)
-    failure: Exception | None = None
-    # The nursery ends only when every received byte is written, also when
-    # the body is cut: the resume then starts right after them.
-    async with trio.open_nursery() as nursery:
-        try:
-            while (chunk := await response.receive()) and absorber.error is None:
-                received += len(chunk)
-                if received > fetch.size:
-                    raise UpstreamUnavailable(
-                        "upstream sent more bytes than the blob's size"
-                    )
-                absorber.add(nursery, chunk)
-                if absorber.backlog > _MAX_BACKLOG:
-                    await absorber.wait_idle()
-        except (BodyBroken, RegistryError) as exc:
-            # Raised after the nursery, so the writer is not cancelled.
-            failure = exc
+    # Every received byte is written before this returns, also when the
+    # body is cut: the resume then starts right after them.
+    try:
+        while (chunk := await response.receive()) and absorber.error is None:
+            received += len(chunk)
+            if received > fetch.size:
+                raise UpstreamUnavailable(
+                    "upstream sent more bytes than the blob's size"
+                )
+            absorber.add(chunk)
+            while received - fetch.written > _MAX_BACKLOG and absorber.error is None:
+                await fetch.wait_progress()
+    finally:
+        await absorber.finish()
     if absorber.error is not None:
         raise absorber.error
-    if failure is not None:
-        raise failure
     if fetch.written != fetch.size:
         raise BodyBroken("upstream body ended early")
 
