@@ -37,15 +37,23 @@ class ControlPlaneCredentials:
         registry: The registry host whose credentials to ask for.
         node_secret: The shared secret sent as a bearer token.
         refresh: Longest time to keep credentials without asking again.
+        retry: Time to wait before asking again after a failure.
     """
 
     def __init__(
-        self, url: str, registry: str, node_secret: str, *, refresh: float = 30.0
+        self,
+        url: str,
+        registry: str,
+        node_secret: str,
+        *,
+        refresh: float = 30.0,
+        retry: float = _RETRY_AFTER_FAILURE,
     ) -> None:
         self._url = url.rstrip("/") + "/v1/credentials"
         self._registry = registry
         self._secret = node_secret
         self._refresh = refresh
+        self._retry = retry
         self._current: Credentials | None = None
         self._expires_at = 0.0
         self._refresh_at = 0.0
@@ -82,7 +90,7 @@ class ControlPlaneCredentials:
             )
             username, password, expires_at = _parse(response)
         except (httpx.HTTPError, ValueError) as exc:
-            self._refresh_at = trio.current_time() + _RETRY_AFTER_FAILURE
+            self._refresh_at = trio.current_time() + self._retry
             logger.warning(
                 "control_credentials_failed",
                 extra={"registry": self._registry, "reason": str(exc)[:200]},

@@ -1,0 +1,107 @@
+"""Credentials from the control plane: renewal, outages and expiry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h11
+import pytest
+import trio
+
+from tcr_mirror.proxy._credentials import ControlPlaneCredentials
+from tcr_mirror.proxy._errors import UpstreamUnavailable
+
+SECRET = "node-secret-for-tests"
+REGISTRY = "demo.tencentcloudcr.com"
+
+
+class FakeControlPlane:
+    """Answers /v1/credentials like ``tcr-mirror control serve``."""
+
+    def __init__(self) -> None:
+        self.password = "token-1"
+        self.expires_at = time.time() + 3600
+        self.status = 200
+        self.requests: list[tuple[str, str]] = []
+        self.url = ""
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+                continue
+            if not isinstance(event, h11.Request):
+                return
+            headers = dict(event.headers)
+            self.requests.append(
+                (event.target.decode(), headers.get(b"authorization", b"").decode())
+            )
+            body = json.dumps(
+                {"registry": REGISTRY, "username": "100012345678",
+                 "password": self.password, "expires_at": self.expires_at}
+            ).encode()  # fmt: skip
+            if self.status != 200:
+                body = b'{"error": "no token yet"}'
+            head = h11.Response(
+                status_code=self.status,
+                headers=[("Content-Length", str(len(body))), ("Connection", "close")],
+            )
+            await stream.send_all(
+                connection.send(head) + connection.send(h11.Data(body))
+                + connection.send(h11.EndOfMessage())
+            )  # fmt: skip
+            await stream.aclose()
+            return
+
+
+async def test_renewal_outage_and_expiry() -> None:
+    control = FakeControlPlane()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve)
+        source = ControlPlaneCredentials(
+            control.url, REGISTRY, SECRET, refresh=0.2, retry=0.2
+        )
+        try:
+            first = await source.credentials()
+            assert first is not None
+            assert (first.username, first.password) == ("100012345678", "token-1")
+            target, authorization = control.requests[0]
+            assert target == f"/v1/credentials?registry={REGISTRY}"
+            assert authorization == f"Bearer {SECRET}"
+
+            # Within the refresh period the control plane is not asked again.
+            await source.credentials()
+            assert len(control.requests) == 1
+
+            control.password = "token-2"
+            await trio.sleep(0.3)
+            renewed = await source.credentials()
+            assert renewed is not None
+            assert renewed.password == "token-2"
+
+            # An outage keeps the last credentials while they are valid...
+            control.status = 503
+            await trio.sleep(0.3)
+            kept = await source.credentials()
+            assert kept is not None
+            assert kept.password == "token-2"
+
+            # ...and refuses once they have expired.
+            control.status = 200
+            control.expires_at = time.time() - 1
+            await trio.sleep(0.3)  # past the retry delay after the failure
+            with pytest.raises(UpstreamUnavailable):
+                await source.credentials()
+            assert "token-2" not in repr(source)
+        finally:
+            await source.aclose()
+        nursery.cancel_scope.cancel()
