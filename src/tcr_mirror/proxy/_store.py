@@ -202,6 +202,9 @@ class BlobStore:
 
     def _idle_bytes(self) -> int:
         """Bytes of stored blobs that could be evicted now."""
+        # TODO: this scans the whole index on every reservation under a
+        # budget; a running total of idle bytes would keep it cheap for
+        # stores of many thousand blobs.
         return sum(
             entry.size
             for key, entry in self.blobs()
