@@ -121,3 +121,19 @@ def test_a_blob_larger_than_the_budget_is_refused(tmp_path: Path) -> None:
         store.reserve(digest_of(b"x"), 101)
     assert info.value.status == 507
     assert store.used_bytes == 0
+
+
+def test_an_unreadable_index_is_rebuilt_from_the_blob_files(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    blob = put(store, b"survives")
+    store.put_tag("reg", "app", "v1", TagEntry(str(blob), "x/y", 1.0))
+    store.close()
+    data = tmp_path / "index" / "data.mdb"
+    data.write_bytes(b"\xff" * data.stat().st_size)
+
+    again = BlobStore(tmp_path)
+    counts = again.recover()
+    assert counts["files_indexed"] == 1
+    assert read(again, blob) == b"survives"
+    assert again.get_tag("reg", "app", "v1") is None
+    assert list(tmp_path.glob("index.broken-*"))

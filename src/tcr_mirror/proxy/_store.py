@@ -96,6 +96,29 @@ class BlobStore:
         self.tmp_dir = self.root / "tmp"
         for directory in (self.root / "blobs", self.tmp_dir, self.root / "index"):
             directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open_index()
+        except lmdb.Error as exc:
+            # The index can be rebuilt: blob files are named by their
+            # digest and recover() indexes them; manifests and tags are
+            # fetched again. Keep the broken one for a post-mortem.
+            broken = self.root / f"index.broken-{int(time.time())}"
+            logger.error(
+                "index_unreadable", extra={"reason": str(exc), "moved_to": str(broken)}
+            )
+            if getattr(self, "_env", None) is not None:
+                self._env.close()
+            os.rename(self.root / "index", broken)
+            (self.root / "index").mkdir()
+            self._open_index()
+        self._temp_serial = 0
+        self._used = sum(entry.size for _, entry in self.blobs())
+        self._reserved: dict[Digest, int] = {}
+        self._readers: collections.Counter[Digest] = collections.Counter()
+        self.evictions = 0
+        self.evicted_bytes = 0
+
+    def _open_index(self) -> None:
         self._env = lmdb.open(
             str(self.root / "index"),
             map_size=_MAP_SIZE,
@@ -106,12 +129,8 @@ class BlobStore:
         self._blobs = self._env.open_db(b"blobs")
         self._manifests = self._env.open_db(b"manifests")
         self._tags = self._env.open_db(b"tags")
-        self._temp_serial = 0
-        self._used = sum(entry.size for _, entry in self.blobs())
-        self._reserved: dict[Digest, int] = {}
-        self._readers: collections.Counter[Digest] = collections.Counter()
-        self.evictions = 0
-        self.evicted_bytes = 0
+        # Read once: a damaged file can open and fail on first use.
+        sum(1 for _ in self.blobs())
 
     def close(self) -> None:
         self._env.sync(True)
