@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from support.containerd import Containerd, unavailable_reason
+from support.node import NodeFactory, NodeProcess
 from support.registry import REGISTRY_BINARY, Registry
 from support.tokenserver import TokenServer
 
@@ -51,6 +52,19 @@ def registry(registry_factory: Callable[..., Registry]) -> Registry:
     return registry_factory()
 
 
+@pytest.fixture(scope="module")
+def module_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One plain registry for a module's tests, which only read from it.
+
+    Images pushed by module-scoped fixtures are shared by the module's tests;
+    a test that counts the registry's requests compares differences.
+    """
+    if not Path(REGISTRY_BINARY).exists():
+        pytest.skip(f"{REGISTRY_BINARY} is not installed")
+    with Registry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
+
+
 @pytest.fixture
 def basic_auth_registry(registry_factory: Callable[..., Registry]) -> Registry:
     """A docker-registry behind basic auth; ``.credentials`` may push and pull.
@@ -83,3 +97,35 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
         pytest.skip(reason)
     with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
         yield daemon
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Starts ``tcr-mirror node`` processes: ``node_factory(*args, ...)``.
+
+    Keyword arguments: ``data_dir`` (default: a fresh one in ``tmp_path``)
+    and ``config`` (TOML text, written to a file passed as ``--config``).
+    Each node logs to its own ``tmp_path/node<n>.log``. Every node is killed
+    at teardown.
+    """
+    started: list[NodeProcess] = []
+
+    def start(
+        *args: str, data_dir: Path | None = None, config: str | None = None
+    ) -> NodeProcess:
+        n = len(started)
+        options = list(args)
+        if config is not None:
+            config_path = tmp_path / f"node{n}.toml"
+            config_path.write_text(config)
+            options = ["--config", str(config_path), *options]
+        data = data_dir or tmp_path / f"data{n}"
+        node = NodeProcess(data, options, log_path=tmp_path / f"node{n}.log")
+        started.append(node)
+        return node.start()
+
+    yield start
+    # SIGKILL: no test looks at a node after it ends, and a graceful stop
+    # of every node would add seconds to a file's run.
+    for node in started:
+        node.kill()

@@ -18,24 +18,22 @@ moment. What must hold whatever the moment:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from support.faultproxy import Fault, FaultKind, FaultProxy
 from support.images import PushedImage, push_image
-from support.node import NodeProcess
-from support.registry import REGISTRY_BINARY, Registry
+from support.layers import digest_of
+from support.node import NodeFactory, NodeProcess
+from support.pull import Pulled, pull
+from support.registry import Registry
 from tcr_mirror.proxy._store import BlobStore
 
 REPO = "crash/app"
@@ -53,83 +51,50 @@ CLIENT_TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    if not Path(REGISTRY_BINARY).exists():
-        pytest.skip(f"{REGISTRY_BINARY} is not installed")
-    with Registry(tmp_path_factory.mktemp("registry")) as registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
-def image(upstream: Registry) -> PushedImage:
+def image(module_registry: Registry) -> PushedImage:
     """Eight layers of 2-3 MiB, each a distinct blob."""
     sizes = [2 * MIB + i * (MIB // 8) for i in range(LAYERS)]
-    return push_image(upstream, REPO, "v1", layer_sizes=sizes)
+    return push_image(module_registry, REPO, "v1", layer_sizes=sizes)
 
 
 @pytest.fixture
-def proxy(upstream: Registry) -> Iterator[FaultProxy]:
-    with FaultProxy(upstream.url) as fault_proxy:
+def proxy(module_registry: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(module_registry.url) as fault_proxy:
         yield fault_proxy
 
 
 @pytest.fixture
-def node(tmp_path: Path, proxy: FaultProxy) -> Iterator[NodeProcess]:
-    """A started node on ``tmp_path/data``; the tests kill and restart it."""
-    config = tmp_path / "node.toml"
+def node(node_factory: NodeFactory, proxy: FaultProxy) -> NodeProcess:
+    """A started node; the tests kill and restart it."""
     # Stalls must outlast the kill, not end the fetch first.
-    config.write_text("read_timeout = 60.0\nconnect_timeout = 2.0\n")
-    args = ["--config", str(config), "--upstream", proxy.url]
-    process = NodeProcess(tmp_path / "data", args, log_path=tmp_path / "node.log")
-    yield process.start()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.stop()
-    process.kill()
+    config = "read_timeout = 60.0\nconnect_timeout = 2.0\n"
+    return node_factory("--upstream", proxy.url, config=config)
 
 
 # Clients.
 
 
 @dataclass(frozen=True)
-class Pulled:
-    """What one client got; status 0 when no response head arrived."""
+class BlobPulled(Pulled):
+    """What one client got of one blob."""
 
     digest: str
-    status: int
-    body: bytes
-    complete: bool
 
 
-def pull(node_url: str, digest: str) -> Pulled:
-    chunks: list[bytes] = []
-    status, complete = 0, False
-    try:
-        with (
-            httpx.Client(timeout=CLIENT_TIMEOUT) as client,
-            client.stream("GET", f"{node_url}{blob_path(digest)}") as response,
-        ):
-            status = response.status_code
-            for chunk in response.iter_raw():
-                chunks.append(chunk)
-            complete = True
-    except httpx.TransportError:
-        pass
-    return Pulled(digest, status, b"".join(chunks), complete)
+def pull_blob(node_url: str, digest: str) -> BlobPulled:
+    got = pull(f"{node_url}{blob_path(digest)}", timeout=CLIENT_TIMEOUT)
+    return BlobPulled(got.status, got.headers, got.body, got.complete, digest)
 
 
 def blob_path(digest: str) -> str:
     return f"/v2/{REPO}/blobs/{digest}"
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def assert_no_wrong_body(pulled: Pulled, blobs: dict[str, bytes]) -> None:
+def assert_no_wrong_body(pulled: BlobPulled, blobs: dict[str, bytes]) -> None:
     """Whole and right, or an error, or a strict prefix of the blob."""
     data = blobs[pulled.digest]
     if pulled.status == 200 and pulled.complete:
-        assert sha256(pulled.body) == pulled.digest
+        assert digest_of(pulled.body) == pulled.digest
     elif pulled.status == 200:
         assert len(pulled.body) < len(data)
         assert data.startswith(pulled.body), "a cut body held wrong bytes"
@@ -210,11 +175,11 @@ def restart_and_check(
     # Stored blobs come from disk; the others are fetched again. All right.
     asked = {d: proxy.count("GET", blob_path(d)) for d, _ in image.layers}
     with ThreadPoolExecutor(max_workers=LAYERS) as pool:
-        pulls = list(pool.map(lambda d: pull(node.url, d), asked))
+        pulls = list(pool.map(lambda d: pull_blob(node.url, d), asked))
     for pulled in pulls:
         assert pulled.status == 200
         assert pulled.complete
-        assert sha256(pulled.body) == pulled.digest
+        assert digest_of(pulled.body) == pulled.digest
     for digest, before in asked.items():
         refetched = proxy.count("GET", blob_path(digest)) - before
         stored = digest.split(":", 1)[1] in blobs_before
@@ -229,9 +194,9 @@ def restart_and_check(
 
 def start_clients(
     pool: ThreadPoolExecutor, node: NodeProcess, image: PushedImage
-) -> list[Future[Pulled]]:
+) -> list[Future[BlobPulled]]:
     return [
-        pool.submit(pull, node.url, digest)
+        pool.submit(pull_blob, node.url, digest)
         for _ in range(CLIENTS_PER_BLOB)
         for digest, _ in image.layers
     ]
@@ -303,16 +268,16 @@ def test_kill_during_warm_reads_loses_nothing(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
     for digest, _ in image.layers:
-        warm = pull(node.url, digest)
+        warm = pull_blob(node.url, digest)
         assert warm.status == 200
         assert warm.complete
     stop = threading.Event()
-    reads: list[Pulled] = []
+    reads: list[BlobPulled] = []
 
     def read_forever(digest: str) -> None:
         # Bounded: the node is killed long before this many reads.
         for _ in range(10_000):
-            reads.append(pull(node.url, digest))
+            reads.append(pull_blob(node.url, digest))
             if stop.is_set():
                 return
 

@@ -16,23 +16,22 @@ from a real docker-registry. Two limits are exercised:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from support.images import PushedImage, push_image
-from support.node import NodeProcess
-from support.registry import REGISTRY_BINARY, Registry
+from support.layers import digest_of
+from support.node import NodeFactory, NodeProcess
+from support.pull import Pulled, pull
+from support.registry import Registry
 from tcr_mirror.proxy._store import BlobStore
 
 REPO = "diskfull/app"
@@ -43,36 +42,26 @@ BUDGET = 16 * MIB
 OVERHEAD = 1 * MIB
 CLIENT_TIMEOUT = 30.0
 
-NodeFactory = Callable[..., NodeProcess]
-
 
 # Fixtures.
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    if not Path(REGISTRY_BINARY).exists():
-        pytest.skip(f"{REGISTRY_BINARY} is not installed")
-    with Registry(tmp_path_factory.mktemp("registry")) as registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
-def small(upstream: Registry) -> PushedImage:
+def small(module_registry: Registry) -> PushedImage:
     """Five layers of 4.5 MiB: three fit under the high watermark, four not."""
-    return push_image(upstream, REPO, "small", layer_sizes=[9 * MIB // 2] * 5)
+    return push_image(module_registry, REPO, "small", layer_sizes=[9 * MIB // 2] * 5)
 
 
 @pytest.fixture(scope="module")
-def oversized(upstream: Registry) -> PushedImage:
+def oversized(module_registry: Registry) -> PushedImage:
     """One layer of 17 MiB, more than the whole budget."""
-    return push_image(upstream, REPO, "oversized", layer_sizes=[17 * MIB])
+    return push_image(module_registry, REPO, "oversized", layer_sizes=[17 * MIB])
 
 
 @pytest.fixture(scope="module")
-def large(upstream: Registry) -> PushedImage:
+def large(module_registry: Registry) -> PushedImage:
     """Two layers of 10 MiB: both do not fit on the filesystem with a filler."""
-    return push_image(upstream, REPO, "large", layer_sizes=[10 * MIB] * 2)
+    return push_image(module_registry, REPO, "large", layer_sizes=[10 * MIB] * 2)
 
 
 @pytest.fixture
@@ -97,27 +86,19 @@ def filesystem(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def node_factory(
-    tmp_path: Path, filesystem: Path, upstream: Registry
-) -> Iterator[NodeFactory]:
+    filesystem: Path, node_factory: NodeFactory, module_registry: Registry
+) -> NodeFactory:
     """Starts a node on the tmpfs: ``node_factory(*extra_args)``.
 
-    Depends on ``filesystem`` so that its nodes are stopped before the
-    unmount.
+    Asks for ``filesystem`` before the shared ``node_factory`` so that the
+    nodes are stopped before the unmount.
     """
-    started: list[NodeProcess] = []
 
     def start(*extra: str) -> NodeProcess:
-        args = ["--upstream", upstream.url, "--tag-ttl", "0", *extra]
-        log = tmp_path / f"node{len(started)}.log"
-        node = NodeProcess(filesystem / "data", args, log_path=log)
-        started.append(node)
-        return node.start()
+        args = ["--upstream", module_registry.url, "--tag-ttl", "0", *extra]
+        return node_factory(*args, data_dir=filesystem / "data")
 
-    yield start
-    for node in started:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.stop()
-        node.kill()
+    return start
 
 
 def budget_args() -> list[str]:
@@ -127,50 +108,18 @@ def budget_args() -> list[str]:
 # Clients.
 
 
-@dataclass(frozen=True)
-class Pulled:
-    """What a client got; status 0 when no response head arrived."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-    complete: bool
-
-    def error_code(self) -> str:
-        assert self.headers.get("content-type", "").startswith("application/json")
-        errors = httpx.Response(200, content=self.body).json()["errors"]
-        return str(errors[0]["code"])
-
-
-def pull(node: NodeProcess, digest: str) -> Pulled:
-    chunks: list[bytes] = []
-    status, headers, complete = 0, httpx.Headers(), False
-    try:
-        with (
-            httpx.Client(timeout=CLIENT_TIMEOUT) as client,
-            client.stream("GET", f"{node.url}{blob_path(digest)}") as response,
-        ):
-            status, headers = response.status_code, response.headers
-            for chunk in response.iter_raw():
-                chunks.append(chunk)
-            complete = True
-    except httpx.TransportError:
-        pass
-    return Pulled(status, headers, b"".join(chunks), complete)
+def pull_blob(node: NodeProcess, digest: str) -> Pulled:
+    return pull(f"{node.url}{blob_path(digest)}", timeout=CLIENT_TIMEOUT)
 
 
 def blob_path(digest: str) -> str:
     return f"/v2/{REPO}/blobs/{digest}"
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def assert_got(pulled: Pulled, digest: str) -> None:
     assert pulled.status == 200, pulled.body[:300]
     assert pulled.complete
-    assert sha256(pulled.body) == digest
+    assert digest_of(pulled.body) == digest
 
 
 def assert_clean_failure(pulled: Pulled, data: bytes) -> None:
@@ -312,21 +261,21 @@ class PeakSampler:
 def test_budget_evicts_least_recently_used_and_refetches(
     node_factory: NodeFactory,
     filesystem: Path,
-    upstream: Registry,
+    module_registry: Registry,
     small: PushedImage,
 ) -> None:
     node = node_factory(*budget_args())
     baseline = used_bytes(filesystem)
     digests = [digest for digest, _ in small.layers]
-    asked = upstream_gets(upstream, digests[0], digests[-1])
+    asked = upstream_gets(module_registry, digests[0], digests[-1])
 
     with PeakSampler(filesystem) as sampler:
         for digest in digests:
-            assert_got(pull(node, digest), digest)
+            assert_got(pull_blob(node, digest), digest)
             assert sum(blob_files(node).values()) <= BUDGET
             assert temp_files(node) == []
-        first_again = pull(node, digests[0])
-        last_again = pull(node, digests[-1])
+        first_again = pull_blob(node, digests[0])
+        last_again = pull_blob(node, digests[-1])
 
     # Blobs plus fetches in flight stay within the budget at every moment.
     assert sampler.peak - baseline <= BUDGET + OVERHEAD
@@ -335,23 +284,23 @@ def test_budget_evicts_least_recently_used_and_refetches(
     assert digests[-1] not in evicted
     assert_got(first_again, digests[0])
     assert_got(last_again, digests[-1])
-    fetched = upstream_gets(upstream, digests[0], digests[-1]) - asked
+    fetched = upstream_gets(module_registry, digests[0], digests[-1]) - asked
     assert fetched == (2, 1), "only the evicted blob is fetched again"
     assert sum(blob_files(node).values()) <= BUDGET
 
 
 def test_blob_larger_than_the_budget_is_an_oci_error(
     node_factory: NodeFactory,
-    upstream: Registry,
+    module_registry: Registry,
     small: PushedImage,
     oversized: PushedImage,
 ) -> None:
     node = node_factory(*budget_args())
     kept, _ = small.layers[0]
-    assert_got(pull(node, kept), kept)
+    assert_got(pull_blob(node, kept), kept)
     big, big_data = oversized.layers[0]
 
-    refused = pull(node, big)
+    refused = pull_blob(node, big)
 
     assert 500 <= refused.status < 600
     assert refused.complete
@@ -359,38 +308,38 @@ def test_blob_larger_than_the_budget_is_an_oci_error(
     assert temp_files(node) == []
     assert hex_of(big) not in blob_files(node)
     # The daemon keeps serving, and the same request is refused again.
-    assert_got(pull(node, kept), kept)
-    assert pull(node, big).status == refused.status
+    assert_got(pull_blob(node, kept), kept)
+    assert pull_blob(node, big).status == refused.status
     assert len(big_data) > BUDGET
 
 
 def test_blob_larger_than_the_budget_evicts_nothing(
     node_factory: NodeFactory,
-    upstream: Registry,
+    module_registry: Registry,
     small: PushedImage,
     oversized: PushedImage,
 ) -> None:
     node = node_factory(*budget_args())
     kept, _ = small.layers[0]
-    asked = upstream_gets(upstream, kept)
-    assert_got(pull(node, kept), kept)
+    asked = upstream_gets(module_registry, kept)
+    assert_got(pull_blob(node, kept), kept)
 
-    assert pull(node, oversized.layers[0][0]).status >= 500
+    assert pull_blob(node, oversized.layers[0][0]).status >= 500
 
     # A blob that can never fit is no reason to empty the store.
     assert events(node, "blob_evicted") == []
     assert hex_of(kept) in blob_files(node)
-    assert_got(pull(node, kept), kept)
-    assert upstream_gets(upstream, kept) - asked == (1,)
+    assert_got(pull_blob(node, kept), kept)
+    assert upstream_gets(module_registry, kept) - asked == (1,)
 
 
 def test_blob_being_sent_to_a_slow_client_is_not_evicted(
-    node_factory: NodeFactory, upstream: Registry, small: PushedImage
+    node_factory: NodeFactory, module_registry: Registry, small: PushedImage
 ) -> None:
     node = node_factory(*budget_args())
     (held, held_data), *others = small.layers
-    asked = upstream_gets(upstream, held)
-    assert_got(pull(node, held), held)
+    asked = upstream_gets(module_registry, held)
+    assert_got(pull_blob(node, held), held)
     held_file = node.data_dir / "blobs" / "sha256" / hex_of(held)[:2] / hex_of(held)
 
     reader = SlowReader(node, held)
@@ -399,7 +348,7 @@ def test_blob_being_sent_to_a_slow_client_is_not_evicted(
     # Three more blobs pass the high watermark; the held one is the least
     # recently used, so only its reader keeps it.
     for digest, _ in others[:3]:
-        assert_got(pull(node, digest), digest)
+        assert_got(pull_blob(node, digest), digest)
     evicted = {e["digest"] for e in events(node, "blob_evicted")}
     assert others[0][0] in evicted, "the pulls did not force an eviction"
     assert held not in evicted
@@ -408,9 +357,9 @@ def test_blob_being_sent_to_a_slow_client_is_not_evicted(
     body = reader.finish()
 
     assert len(body) == len(held_data)
-    assert sha256(body) == held
-    assert_got(pull(node, held), held)
-    assert upstream_gets(upstream, held) - asked == (1,)
+    assert digest_of(body) == held
+    assert_got(pull_blob(node, held), held)
+    assert upstream_gets(module_registry, held) - asked == (1,)
 
 
 # The filesystem running out of space.
@@ -434,18 +383,18 @@ def fill(path: Path, size: int | None) -> None:
 def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     node_factory: NodeFactory,
     filesystem: Path,
-    upstream: Registry,
+    module_registry: Registry,
     large: PushedImage,
 ) -> None:
     node = node_factory()
     (stored, _), (wanted, wanted_data) = large.layers
-    asked = upstream_gets(upstream, stored)
-    assert_got(pull(node, stored), stored)
+    asked = upstream_gets(module_registry, stored)
+    assert_got(pull_blob(node, stored), stored)
     filler = filesystem / "filler"
     # Leave room for part of the next blob only.
     fill(filler, free_bytes(filesystem) - 4 * MIB)
 
-    failed = pull(node, wanted)
+    failed = pull_blob(node, wanted)
 
     assert_clean_failure(failed, wanted_data)
     reasons = [e.get("reason", "") for e in events(node, "blob_fetch_failed")]
@@ -453,7 +402,7 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}
 
-    assert_got(pull(node, stored), stored)
+    assert_got(pull_blob(node, stored), stored)
 
     # The index agrees with the files across a restart.
     assert node.stop() == 0
@@ -466,10 +415,10 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     assert recovered["files_indexed"] == 0
 
     filler.unlink()
-    assert_got(pull(node, wanted), wanted)
-    assert_got(pull(node, stored), stored)
+    assert_got(pull_blob(node, wanted), wanted)
+    assert_got(pull_blob(node, stored), stored)
     assert set(blob_files(node)) == {hex_of(stored), hex_of(wanted)}
-    assert upstream_gets(upstream, stored) - asked == (1,)
+    assert upstream_gets(module_registry, stored) - asked == (1,)
 
 
 def test_stored_blobs_are_served_while_the_disk_is_full(
@@ -477,13 +426,13 @@ def test_stored_blobs_are_served_while_the_disk_is_full(
 ) -> None:
     node = node_factory()
     (stored, _), (wanted, wanted_data) = large.layers
-    assert_got(pull(node, stored), stored)
+    assert_got(pull_blob(node, stored), stored)
 
     fill(filesystem / "filler", None)
 
     # Reading a stored blob needs no new space; the missing one fails
     # cleanly, and neither leaves a file behind.
-    assert_got(pull(node, stored), stored)
-    assert_clean_failure(pull(node, wanted), wanted_data)
+    assert_got(pull_blob(node, stored), stored)
+    assert_clean_failure(pull_blob(node, wanted), wanted_data)
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}

@@ -6,7 +6,7 @@ import concurrent.futures
 import hashlib
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,7 +20,8 @@ from support.images import (
     push_index,
     push_signature,
 )
-from support.node import NodeProcess
+from support.layers import digest_of
+from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -29,31 +30,10 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 ALL_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
-NodeFactory = Callable[..., NodeProcess]
-
-
-@pytest.fixture
-def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
-    started: list[NodeProcess] = []
-
-    def start(*args: str, data_dir: Path | None = None) -> NodeProcess:
-        data = data_dir or tmp_path / f"node{len(started)}"
-        node = NodeProcess(data, list(args), log_path=tmp_path / "node.log")
-        started.append(node)
-        return node.start()
-
-    yield start
-    for node in started:
-        node.kill()
-
 
 @pytest.fixture
 def node(node_factory: NodeFactory, registry: Registry) -> NodeProcess:
     return node_factory("--upstream", registry.url)
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def oci_error(response: httpx.Response) -> str:
@@ -133,7 +113,7 @@ def test_missing_manifest_is_404(registry: Registry, node: NodeProcess) -> None:
     push_image(registry, "app", "v1")
     with httpx.Client(base_url=node.url) as client:
         tag = client.get("/v2/app/manifests/nope")
-        digest = client.get(f"/v2/app/manifests/{sha256(b'none')}")
+        digest = client.get(f"/v2/app/manifests/{digest_of(b'none')}")
         repo = client.get("/v2/nothing/here/manifests/v1")
     for response in (tag, digest, repo):
         assert response.status_code == 404
@@ -179,7 +159,7 @@ def test_missing_blob_is_404(registry: Registry, node: NodeProcess) -> None:
     push_image(registry, "app", "v1")
     with httpx.Client(base_url=node.url) as client:
         for method in ("GET", "HEAD"):
-            response = client.request(method, f"/v2/app/blobs/{sha256(b'none')}")
+            response = client.request(method, f"/v2/app/blobs/{digest_of(b'none')}")
             assert response.status_code == 404
             if method == "GET":
                 assert oci_error(response) == "BLOB_UNKNOWN"
@@ -465,7 +445,7 @@ def test_restart_serves_from_disk_and_sigterm_exits_zero(
     again = node_factory("--upstream", registry.url, data_dir=data)
     for digest in image.blobs:
         response = httpx.get(f"{again.url}/v2/app/blobs/{digest}")
-        assert sha256(response.content) == digest
+        assert digest_of(response.content) == digest
     assert again.stop() == 0
 
 

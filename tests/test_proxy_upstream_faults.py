@@ -14,14 +14,11 @@ stalled or blocked.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
-import hashlib
-import subprocess
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,8 +26,11 @@ import pytest
 
 from support.faultproxy import Fault, FaultKind, FaultProxy
 from support.images import OCI_MANIFEST, PushedImage, push_image
-from support.node import NodeProcess
-from support.registry import REGISTRY_BINARY, Registry
+from support.layers import digest_of
+from support.node import NodeFactory, NodeProcess
+from support.pull import Pulled
+from support.pull import pull as pull_url
+from support.registry import Registry
 
 REPO = "faults/app"
 TAG = "v1"
@@ -41,37 +41,26 @@ READ_TIMEOUT = 1.0
 # Generous: outcomes are asserted, never timings.
 CLIENT_TIMEOUT = 60.0
 
-NodeFactory = Callable[..., NodeProcess]
-
 
 # Fixtures.
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """One plain registry for the whole module (it is only read from)."""
-    if not Path(REGISTRY_BINARY).exists():
-        pytest.skip(f"{REGISTRY_BINARY} is not installed")
-    with Registry(tmp_path_factory.mktemp("registry")) as registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
-def image(upstream: Registry) -> PushedImage:
+def image(module_registry: Registry) -> PushedImage:
     """An image with one 3 MiB layer."""
-    return push_image(upstream, REPO, TAG, layer_sizes=(3 * MIB,))
+    return push_image(module_registry, REPO, TAG, layer_sizes=(3 * MIB,))
 
 
 @pytest.fixture
-def proxy(upstream: Registry) -> Iterator[FaultProxy]:
-    with FaultProxy(upstream.url) as fault_proxy:
+def proxy(module_registry: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(module_registry.url) as fault_proxy:
         yield fault_proxy
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
     """Starts nodes: ``node_factory(default_url, direct_url=, credentials=)``."""
-    started: list[NodeProcess] = []
+    files = itertools.count()
 
     def start(
         default_url: str,
@@ -79,68 +68,34 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
         direct_url: str | None = None,
         credentials: tuple[str, str] | None = None,
     ) -> NodeProcess:
-        n = len(started)
-        config = tmp_path / f"node{n}.toml"
-        config.write_text(f"read_timeout = {READ_TIMEOUT}\nconnect_timeout = 2.0\n")
-        args = ["--config", str(config), "--tag-ttl", "0", "--upstream", default_url]
+        args = ["--tag-ttl", "0", "--upstream", default_url]
         if direct_url is not None:
             args += ["--upstream", f"{DIRECT}={direct_url}"]
         if credentials is not None:
-            secret = tmp_path / f"node{n}.credentials"
+            secret = tmp_path / f"upstream{next(files)}.credentials"
             secret.write_text(":".join(credentials) + "\n")
             args += ["--credentials-file", str(secret)]
-        node = NodeProcess(
-            tmp_path / f"data{n}", args, log_path=tmp_path / f"node{n}.log"
-        )
-        started.append(node)
-        return node.start()
+        config = f"read_timeout = {READ_TIMEOUT}\nconnect_timeout = 2.0\n"
+        return node_factory(*args, config=config)
 
-    yield start
-    for node in started:
-        # stop() kills a node that does not stop in time, then re-raises.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.stop()
+    return start
 
 
 @pytest.fixture
 def node(
-    node_factory: NodeFactory, proxy: FaultProxy, upstream: Registry
+    node_factory: NodeFactory, proxy: FaultProxy, module_registry: Registry
 ) -> NodeProcess:
-    return node_factory(proxy.url, direct_url=upstream.url)
+    return node_factory(proxy.url, direct_url=module_registry.url)
 
 
 # Helpers.
 
 
-@dataclass(frozen=True)
-class Pulled:
-    """What a client got: status, headers, the bytes that arrived, and
-    whether the body ended cleanly at its declared length."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-    complete: bool
-
-    def error_code(self) -> str:
-        assert self.headers.get("content-type", "").startswith("application/json")
-        errors = httpx.Response(200, content=self.body).json()["errors"]
-        return str(errors[0]["code"])
-
-
 def pull(url: str, headers: dict[str, str] | None = None) -> Pulled:
-    chunks: list[bytes] = []
-    with (
-        httpx.Client(timeout=CLIENT_TIMEOUT) as client,
-        client.stream("GET", url, headers=headers) as response,
-    ):
-        complete = True
-        try:
-            for chunk in response.iter_raw():
-                chunks.append(chunk)
-        except (httpx.RemoteProtocolError, httpx.ReadError):
-            complete = False
-    return Pulled(response.status_code, response.headers, b"".join(chunks), complete)
+    # Only these end a body short here; any other error (a client timeout)
+    # fails the test rather than pass as a cut body.
+    cut_by = (httpx.RemoteProtocolError, httpx.ReadError)
+    return pull_url(url, headers, timeout=CLIENT_TIMEOUT, cut_by=cut_by)
 
 
 def blob_path(digest: str) -> str:
@@ -155,10 +110,6 @@ def blob_url(node: NodeProcess, digest: str, ns: str | None = None) -> str:
 def manifest_url(node: NodeProcess, reference: str, ns: str | None = None) -> str:
     query = f"?ns={ns}" if ns else ""
     return f"{node.url}/v2/{REPO}/manifests/{reference}{query}"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def layer(image: PushedImage) -> tuple[str, bytes]:
@@ -178,7 +129,7 @@ def stored_files(node: NodeProcess) -> list[Path]:
 def assert_got_blob(pulled: Pulled, digest: str) -> None:
     assert pulled.status == 200, pulled.body[:300]
     assert pulled.complete
-    assert sha256(pulled.body) == digest
+    assert digest_of(pulled.body) == digest
 
 
 def assert_no_complete_body(pulled: Pulled, size: int) -> None:
@@ -318,7 +269,7 @@ def test_stalled_upstream_ends_in_an_error_while_others_are_served(
         assert httpx.get(f"{node.url}/v2/", timeout=CLIENT_TIMEOUT).status_code == 200
         other = pull(manifest_url(node, TAG, ns=DIRECT), {"Accept": OCI_MANIFEST})
         assert other.status == 200
-        assert sha256(other.body) == image.manifest_digest
+        assert digest_of(other.body) == image.manifest_digest
         pulled = stalled.result(timeout=CLIENT_TIMEOUT)
 
     assert_no_complete_body(pulled, len(data))
@@ -443,7 +394,7 @@ def test_tag_is_served_stale_when_the_upstream_fails(
     accept = {"Accept": OCI_MANIFEST}
     fresh = pull(manifest_url(node, TAG), accept)
     assert fresh.status == 200
-    assert sha256(fresh.body) == image.manifest_digest
+    assert digest_of(fresh.body) == image.manifest_digest
     head_path = f"/v2/{REPO}/manifests/{TAG}"
     asked = proxy.count("HEAD", head_path)
     manifests = frozenset({"GET", "HEAD"})

@@ -13,10 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NodeProcess"]
+__all__ = ["NodeFactory", "NodeProcess"]
 
 _START_TIMEOUT = 20.0
 
@@ -105,3 +106,7 @@ class NodeProcess:
             except ValueError:
                 continue
         return events
+
+
+NodeFactory = Callable[..., NodeProcess]
+"""The type of the ``node_factory`` fixture and of the per-file ones wrapping it."""
