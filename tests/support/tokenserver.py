@@ -8,8 +8,10 @@ certificate in its ``rootcertbundle``.
 docker-registry finds the signing key through the JWT header's ``kid``, which
 it compares with the libtrust key ID of each public key in the bundle: the
 base32 of the first 30 bytes of sha256(DER public key), in groups of four
-characters joined by colons. We sign with ES256 (P-256), whose JWS signature
-is the raw ``r || s`` pair, not DER.
+characters joined by colons. The key ID, the certificate and base64url come
+from the TCR simulator's token code; the signing does not: the simulator
+signs RS256, and we sign with ES256 (P-256), whose JWS signature is the raw
+``r || s`` pair, not DER.
 
 Note that docker-registry accepts a token for 60 s past its ``exp`` (its
 clock-skew leeway), so a short ``expires_in`` tests the client's renewal
@@ -23,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import hashlib
 import json
 import secrets
 import threading
@@ -34,11 +35,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
+
+from tcr_mirror.control.sim._jwt import b64url_encode, self_signed_ca
+from tcr_mirror.control.sim._jwt import libtrust_kid as libtrust_key_id
 
 __all__ = [
     "Grant",
@@ -76,20 +78,6 @@ class TokenRequest:
     status: int
     granted: tuple[Grant, ...]
     user_agent: str
-
-
-def libtrust_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Returns the libtrust key ID docker-registry derives from ``public_key``."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    encoded = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode()
-    encoded = encoded.rstrip("=")
-    return ":".join(encoded[i : i + 4] for i in range(0, len(encoded), 4))
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def parse_scopes(values: Iterable[str]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -145,7 +133,8 @@ class TokenServer:
         self.fail_with: int | None = None
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._kid = libtrust_key_id(self._key.public_key())
-        self.cert_pem = _self_signed_cert(self._key, issuer)
+        certificate = self_signed_ca(self._key, issuer, days=30)
+        self.cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
         self._server: ThreadingHTTPServer | None = None
@@ -244,13 +233,13 @@ class TokenServer:
     def _sign(self, claims: dict[str, object]) -> str:
         header = {"typ": "JWT", "alg": "ES256", "kid": self._kid}
         signing_input = ".".join(
-            _b64url(json.dumps(part, separators=(",", ":")).encode())
+            b64url_encode(json.dumps(part, separators=(",", ":")).encode())
             for part in (header, claims)
         )
         der = self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return f"{signing_input}.{_b64url(signature)}"
+        return f"{signing_input}.{b64url_encode(signature)}"
 
     def check_password(self, account: str, password: str) -> bool:
         expected = self.users.get(account)
@@ -261,23 +250,6 @@ class TokenServer:
     def record(self, request: TokenRequest) -> None:
         with self._lock:
             self._requests.append(request)
-
-
-def _self_signed_cert(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 class _Handler(BaseHTTPRequestHandler):

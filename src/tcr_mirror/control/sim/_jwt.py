@@ -25,10 +25,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-__all__ = ["SigningKey", "b64url_decode", "b64url_encode"]
+__all__ = [
+    "SigningKey",
+    "b64url_decode",
+    "b64url_encode",
+    "libtrust_kid",
+    "self_signed_ca",
+]
 
 
 def b64url_encode(data: bytes) -> str:
@@ -63,20 +69,8 @@ class SigningKey:
     ) -> SigningKey:
         """Make a fresh 2048-bit RSA key and a ten-year self-signed CA cert."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, certificate, _libtrust_kid(key.public_key()))
+        certificate = self_signed_ca(key, common_name, days=3650)
+        return cls(key, certificate, libtrust_kid(key.public_key()))
 
     def certificate_pem(self) -> bytes:
         """The certificate, PEM-encoded: the registry's ``rootcertbundle``."""
@@ -137,7 +131,35 @@ class SigningKey:
         return claims
 
 
-def _libtrust_kid(public_key: rsa.RSAPublicKey) -> str:
+def self_signed_ca(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, common_name: str, *, days: int
+) -> x509.Certificate:
+    """A CA certificate for ``key``, signed by itself, valid from a day ago.
+
+    Returns:
+        The certificate, good for ``days`` days from now.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def libtrust_kid(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+    """The libtrust key id docker-registry derives from a public key.
+
+    Returns:
+        Twelve groups of four base32 characters joined by ``:``.
+    """
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
