@@ -18,6 +18,7 @@ moment. What must hold whatever the moment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -106,9 +107,17 @@ def assert_no_wrong_body(pulled: BlobPulled, blobs: dict[str, bytes]) -> None:
 
 
 def files_under(node: NodeProcess, directory: str) -> dict[str, int]:
-    """``{name: size}`` of the regular files under ``data/<directory>``."""
-    root = node.data_dir / directory
-    return {p.name: p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    """``{name: size}`` of the regular files under ``data/<directory>``.
+
+    A file renamed away between listing and stat (a fetch completing while
+    the node still runs) is left out.
+    """
+    sizes = {}
+    for path in (node.data_dir / directory).rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file():
+                sizes[path.name] = path.stat().st_size
+    return sizes
 
 
 def assert_blob_files_verified(node: NodeProcess) -> dict[str, int]:
