@@ -501,3 +501,16 @@ def test_metrics_health_and_request_logs(
     requests = [e for e in node.events() if e.get("event") == "request"]
     assert len(requests) == 3
     assert {e["status"] for e in requests} == {200, 400}
+
+
+def test_empty_blob(registry: Registry, node: NodeProcess) -> None:
+    image = push_image(registry, "app", "empty", layers=[b""])
+    digest = image.layers[0][0]
+    assert digest == digest_of(b"")
+    with httpx.Client(base_url=node.url, timeout=30) as client:
+        for _ in range(2):  # cold, then from the store
+            got = client.get(f"/v2/app/blobs/{digest}")
+            assert got.status_code == 200
+            assert got.content == b""
+            assert got.headers["content-length"] == "0"
+        assert client.head(f"/v2/app/blobs/{digest}").status_code == 200
