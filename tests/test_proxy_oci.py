@@ -19,6 +19,7 @@ from tcr_mirror.proxy._errors import (
     TagInvalid,
     Unsupported,
 )
+from tcr_mirror.proxy._mirror import relative_link
 from tcr_mirror.proxy._oci import (
     ByteRange,
     Kind,
@@ -188,3 +189,21 @@ def test_any_target_is_a_route_or_an_oci_error(target: str, method: str) -> None
     assert ".." not in route.name.split("/")
     assert "%" not in route.name
     assert "%" not in route.reference
+
+
+@pytest.mark.parametrize(
+    ("link", "namespace", "expected"),
+    [
+        ('</v2/app/tags/list?n=2&last=b>; rel="next"', None,
+         '</v2/app/tags/list?n=2&last=b>; rel="next"'),
+        ('<https://registry.example/v2/app/tags/list?n=2&last=b>; rel="next"', None,
+         '</v2/app/tags/list?n=2&last=b>; rel="next"'),
+        ('</v2/app/tags/list?n=2&last=b>; rel="next"', "docker.io",
+         '</v2/app/tags/list?n=2&last=b&ns=docker.io>; rel="next"'),
+        ("not a link", "docker.io", "not a link"),
+    ],
+)  # fmt: skip
+def test_tags_link_points_back_at_the_mirror(
+    link: str, namespace: str | None, expected: str
+) -> None:
+    assert relative_link(link, namespace) == expected

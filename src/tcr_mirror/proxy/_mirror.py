@@ -395,7 +395,7 @@ class Mirror:
             headers = [("Content-Type", r.headers.get("content-type", _JSON[1]))]
             link = r.headers.get("link")
         if link:
-            headers.append(("Link", _relative_link(link)))
+            headers.append(("Link", relative_link(link, route.namespace)))
         return Response(200, headers, body)
 
 
@@ -447,13 +447,19 @@ def _accepts(accept: str, media_type: str) -> bool:
     return media_type in offered
 
 
-def _relative_link(link: str) -> str:
-    # An upstream may give an absolute URL; the client must come back to
-    # the mirror, so only the path and query are kept.
+def relative_link(link: str, namespace: str | None) -> str:
+    """Point a tags-list ``Link`` header back at the mirror.
+
+    An upstream may give an absolute URL; the client must come back to the
+    mirror, so only the path and query are kept, and the ``ns`` the client
+    sent is added so that the next page comes from the same upstream.
+    """
     start, end = link.find("<"), link.find(">")
     if start == -1 or end < start:
         return link
     target = httpx.URL(link[start + 1 : end])
+    if namespace is not None:
+        target = target.copy_set_param("ns", namespace)
     relative = target.raw_path.decode("ascii")
     return f"<{relative}>{link[end + 1 :]}"
 
