@@ -327,8 +327,8 @@ def _configure(certs: Path, mirror: str, *registries: str) -> None:
 def test_containerd_pulls_through_the_configured_mirror(
     registry: Registry, containerd: Containerd, tmp_path: Path
 ) -> None:
-    # TODO: point this at the real node mirror once proxy/ serves pulls; for
-    # now the "mirror" is the registry itself, which proves the file works.
+    # The "mirror" here is the registry itself, which proves the file alone;
+    # tests/test_proxy_clients.py pulls through the real node mirror.
     image = push_image(registry, "lib/app", "v1", layer_sizes=[1500])
     certs = tmp_path / "certs.d"
     _configure(certs, registry.url, registry.host)
