@@ -15,6 +15,7 @@ through :func:`raw_get` and everything else through httpx.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from urllib.parse import urlsplit
 
@@ -26,6 +27,8 @@ __all__ = ["BodyBroken", "RawResponse", "raw_get"]
 
 _HEAD_READ = 64 * 1024
 _BODY_READ = 1 << 20
+_LOW_WATER = 256 << 10
+_LOW_WATER_WAIT = 0.02
 _MAX_HEAD = 64 * 1024
 
 
@@ -59,6 +62,7 @@ class RawResponse:
         length = self.headers.get("content-length", "")
         self._remaining: int | None = int(length) if length.isdigit() else None
         self._buffered = _buffered_body(connection)
+        self._low_water = 1
 
     async def receive(self) -> bytes | bytearray:
         """Return the next piece of the body; ``b""`` once it is complete.
@@ -73,17 +77,34 @@ class RawResponse:
         if self._remaining == 0:
             return b""
         try:
-            with trio.fail_after(self._read_timeout):
-                if self._remaining is None:
+            if self._remaining is None:
+                with trio.fail_after(self._read_timeout):
                     return await self._receive_framed()
-                piece = await self._stream.receive_some(
-                    min(self._remaining, _BODY_READ)
-                )
+            piece = await self._receive_piece(min(self._remaining, _BODY_READ))
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             raise BodyBroken(type(exc).__name__) from exc
         if not piece:
             raise BodyBroken("connection closed before the end of the body")
         return self._count(piece)
+
+    async def _receive_piece(self, size: int) -> bytes | bytearray:
+        # Wake only once a good piece has queued up (SO_RCVLOWAT): each
+        # wake-up costs the event loop more than copying the piece does.
+        # An upstream too slow to fill the mark soon, and the end of the
+        # body, are read with the mark back at one byte, so no byte waits
+        # for long.
+        if (self._remaining or 0) > _LOW_WATER:
+            self._set_low_water_mark(_LOW_WATER)
+            with trio.move_on_after(_LOW_WATER_WAIT):
+                return await self._stream.receive_some(size)
+        self._set_low_water_mark(1)
+        with trio.fail_after(self._read_timeout):
+            return await self._stream.receive_some(size)
+
+    def _set_low_water_mark(self, mark: int) -> None:
+        if mark != self._low_water and isinstance(self._stream, trio.SocketStream):
+            self._stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            self._low_water = mark
 
     def _count(self, piece: bytes | bytearray) -> bytes | bytearray:
         if self._remaining is not None:
