@@ -3,9 +3,11 @@
 h11 makes every parsing and framing decision; this module only moves bytes.
 Responses with a file body are framed by h11 (``Content-Length``) but their
 bytes go from the page cache to the socket with ``sendfile``, never through
-Python. A file body may belong to a blob still being fetched: then the
-sender waits for the fetch's progress, and if the fetch fails it closes the
-connection, so the client sees a body shorter than its declared length.
+Python (see ``_sendfile``: stored blobs are sent from worker threads, so the
+kernel's work runs on every core). A file body may belong to a blob still
+being fetched: then the sender waits for the fetch's progress, and if the
+fetch fails it closes the connection, so the client sees a body shorter
+than its declared length.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import trio
 
 from tcr_mirror.proxy._errors import RegistryError
 from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
+from tcr_mirror.proxy._sendfile import send_stored, sendfile_on_loop
 
 __all__ = ["FileBody", "HttpServer", "Request", "Response"]
 
@@ -30,10 +33,7 @@ logger = logging.getLogger(__name__)
 _MAX_HEAD = 16 * 1024
 _MAX_REQUEST_BODY = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
-_SENDFILE_CHUNK = 8 << 20
 _SEND_BUFFER = 4 << 20
-# Bytes one response may send before letting other connections have a turn.
-_FAIR_SHARE = 16 << 20
 # A client has this long to send a request head, and an idle keep-alive
 # connection is closed after this long.
 _HEAD_TIMEOUT = 30.0
@@ -81,10 +81,6 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-# TODO: one event loop serves every connection; with dozens of clients
-# reading cached blobs at once it reaches about 0.7x of nginx's two worker
-# processes on two cores. Serving cached blobs from several processes
-# sharing the listening port (SO_REUSEPORT) would use every core.
 class HttpServer:
     """Serves a handler on trio listeners, many requests per connection.
 
@@ -331,42 +327,21 @@ async def _send_file(
     stream: trio.SocketStream, body: FileBody, on_sent: Callable[[str, int], None]
 ) -> None:
     sock = stream.socket
-    source = "store" if body.fetch is None else "upstream"
     position, end = body.offset, body.offset + body.length
+    if body.fetch is None:
+        await send_stored(
+            sock,
+            body.fd,
+            position,
+            body.length,
+            _SEND_STALL_TIMEOUT,
+            lambda sent: on_sent("store", sent),
+        )
+        return
     while position < end:
-        limit = end
-        if body.fetch is not None:
-            limit = min(end, await body.fetch.wait_available(position))
-        sent = await _sendfile(sock, body.fd, position, limit - position)
-        on_sent(source, sent)
+        limit = min(end, await body.fetch.wait_available(position))
+        sent = await sendfile_on_loop(
+            sock, body.fd, position, limit - position, _SEND_STALL_TIMEOUT
+        )
+        on_sent("upstream", sent)
         position += sent
-
-
-async def _sendfile(
-    sock: trio.socket.SocketType, fd: int, offset: int, count: int
-) -> int:
-    """Send up to ``count`` bytes of ``fd`` from ``offset``; return how many.
-
-    Keeps calling ``sendfile`` while the socket takes bytes, and yields to
-    other tasks only when it is full or after a fair share: a trip through
-    the event loop per call would cost more than the call.
-    """
-    total = 0
-    while total < count:
-        try:
-            sent = os.sendfile(
-                sock.fileno(), fd, offset + total, min(count - total, _SENDFILE_CHUNK)
-            )
-        except BlockingIOError:
-            with trio.fail_after(_SEND_STALL_TIMEOUT):
-                await trio.lowlevel.wait_writable(sock)
-            if total:
-                return total
-            continue
-        if sent == 0:
-            raise trio.BrokenResourceError("file ended before its declared length")
-        total += sent
-        if total >= _FAIR_SHARE:
-            break
-    await trio.lowlevel.checkpoint()
-    return total
