@@ -17,8 +17,10 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -200,15 +202,20 @@ def cold_single(bench: Bench) -> Mirror:
         finally:
             bench.retire_proxy(proxy)
 
-    upstream_rate, mirror_rate, proxy_rate = interleave(
-        bench.sizes.repeats, direct, through_mirror, through_proxy
+    def into_new_file() -> float:
+        bench.warm_upstream(blob)
+        return download_to_file(bench, blob)
+
+    upstream_rate, mirror_rate, proxy_rate, file_rate = interleave(
+        bench.sizes.repeats, direct, through_mirror, through_proxy, into_new_file
     )
     passed = mirror_rate >= 0.8 * upstream_rate and mirror_rate > proxy_rate
     bench.rows.append(
         Row(
             f"1 client, {blob.size // MIB} MiB blob not cached",
             mib_s(mirror_rate),
-            f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)}",
+            f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)}; "
+            f"curl into a new file {mib_s(file_rate)}",
             ratio(mirror_rate, upstream_rate),
             ">= 0.8x upstream and > proxy registry",
             passed,
@@ -217,11 +224,31 @@ def cold_single(bench: Bench) -> Mirror:
                 "upstream": upstream_rate,
                 "proxy": proxy_rate,
                 "proxy_ratio": ratio(mirror_rate, proxy_rate),
+                "new_file": file_rate,
+                "new_file_ratio": ratio(mirror_rate, file_rate),
             },  # fmt: skip
         )
     )
     assert mirror is not None
     return mirror
+
+
+def download_to_file(bench: Bench, blob: Blob) -> float:
+    """``curl -o`` of the blob from the upstream into a new file: bytes per second.
+
+    Not a target, a floor: what any cache that keeps the blob pays on this
+    machine just to write it to a new file, with no hashing and no client.
+    """
+    target = bench.workdir / "curl-download"
+    url = f"http://127.0.0.1:{bench.upstream.port}{blob.api_path}"
+    started = time.monotonic()
+    subprocess.run(["curl", "-sSf", "-o", str(target), url], check=True)
+    elapsed = time.monotonic() - started
+    size = target.stat().st_size
+    target.unlink()
+    if size != blob.size:
+        raise RuntimeError(f"curl downloaded {size} bytes of {blob.size}")
+    return size / elapsed
 
 
 def warm_single(bench: Bench, mirror: Mirror) -> None:
@@ -504,7 +531,7 @@ def load_average() -> str:
 
 
 def missing_tools() -> list[str]:
-    tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk"]
+    tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk", "curl"]
     return [tool for tool in tools if shutil.which(tool) is None]
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -309,6 +310,32 @@ def test_closed_log_refuses_appends(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="closed"):
         log.append({"eventName": "X"})
+
+
+def test_threads_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
+    # TcrClient runs its hook in worker threads, so calls made at the same
+    # moment append from several threads to one open log.
+    path = tmp_path / "audit.jsonl"
+    threads, each = 8, 40
+    with AuditLog(path) as log:
+        start = threading.Barrier(threads)
+
+        def append_many(worker: int) -> None:
+            start.wait()
+            for index in range(each):
+                log.append({"eventName": "DescribeInstances", "w": worker, "i": index})
+
+        pool = [threading.Thread(target=append_many, args=(n,)) for n in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=60)
+
+    result = verify(path)
+    assert result.ok, str(result)
+    assert [json.loads(line)["seq"] for line in lines_of(path)] == list(
+        range(threads * each)
+    )
 
 
 # --- crash ---------------------------------------------------------------

@@ -769,6 +769,23 @@ async def test_on_call_sees_every_call_with_its_outcome(sim: Sim) -> None:
     assert failed.duration >= 0
 
 
+async def test_an_async_on_call_hook_is_awaited_before_the_call_returns(
+    sim: Sim,
+) -> None:
+    # The CLI's audit hook writes and fsyncs in a worker thread this way;
+    # the call must not return before its event is written.
+    written: list[str] = []
+
+    async def hook(record: CallRecord) -> None:
+        await trio.to_thread.run_sync(written.append, record.action)
+
+    async with TcrClient(
+        CREDENTIALS, region="ap-guangzhou", endpoint=sim[1], on_call=hook
+    ) as tcr:
+        await tcr.call("DescribeInstances")
+        assert written == ["DescribeInstances"]
+
+
 async def test_no_secret_reaches_logs_or_reprs(
     sim: Sim, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -199,6 +200,9 @@ class AuditLog:
         self.path = os.fspath(path)
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd: int | None = os.open(self.path, flags, 0o600)
+        # flock excludes other processes only: threads of this one share the
+        # open file, so they also take this lock.
+        self._thread_lock = threading.Lock()
         with self._locked():
             self._cut_torn_tail()
 
@@ -216,7 +220,7 @@ class AuditLog:
             OSError: writing or syncing failed.
         """
         fd = self._require_fd()
-        with self._locked():
+        with self._thread_lock, self._locked():
             last = self._last_line()
             seq, prev_hash = _next_link(last)
             record = {**event, "seq": seq, "prevHash": prev_hash}
@@ -317,12 +321,12 @@ def audit_hook(
 
     Returns:
         A callable taking the client's ``CallRecord``. It writes
-        synchronously (one small write and an fsync per call).
+        synchronously (one small write and an fsync per call): on trio, call
+        it in a worker thread. Appends from several threads or processes are
+        serialized by the log's lock.
     """
 
     def on_call(call: CallRecord) -> None:
-        # TODO: the write and fsync block the trio loop for a moment per
-        # call; move them to a worker thread if serve ever makes many calls.
         log.append(event_from_call(call, secret_id=secret_id, source_ip=source_ip))
 
     return on_call

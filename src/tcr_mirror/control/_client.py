@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -141,6 +141,9 @@ class TcrClient:
     """A client for one TCR endpoint, region and set of credentials.
 
     Use it as an async context manager, or call :meth:`aclose` when done.
+    ``on_call`` is called with a :class:`CallRecord` after every call; if it
+    returns an awaitable (an async hook), the call awaits it before it
+    returns, so a hook that writes a file can do so in a worker thread.
     Extra keyword arguments beyond the common ones exist for tests and
     tuning: ``backoff_base``/``backoff_cap`` (seconds), ``rng`` (the
     jitter source), ``sign_action`` (also sign ``x-tc-action``, as the
@@ -156,7 +159,7 @@ class TcrClient:
         version: str = "2019-09-24",
         timeout: float = 10.0,
         max_attempts: int = 4,
-        on_call: Callable[[CallRecord], None] | None = None,
+        on_call: Callable[[CallRecord], Awaitable[None] | None] | None = None,
         user_agent: str = "tcr-mirror/0.1",
         backoff_base: float = 0.5,
         backoff_cap: float = 8.0,
@@ -240,7 +243,9 @@ class TcrClient:
                     break
                 await self._backoff(action, attempt, exc)
         duration = trio.current_time() - start
-        self._record(action, params, response, error, started_at, duration, attempt)
+        await self._record(
+            action, params, response, error, started_at, duration, attempt
+        )
         if error is not None:
             raise error
         assert response is not None
@@ -302,7 +307,7 @@ class TcrClient:
         )
         await trio.sleep(delay)
 
-    def _record(
+    async def _record(
         self,
         action: str,
         params: Mapping[str, Any],
@@ -336,7 +341,9 @@ class TcrClient:
             user_agent=self.user_agent,
             attempts=attempts,
         )
-        self._on_call(record)
+        outcome = self._on_call(record)
+        if outcome is not None:
+            await outcome
 
 
 def _log(level: int, event: str, **fields: Any) -> None:

@@ -198,9 +198,11 @@ class Session:
         )
         self._clients: dict[str, TcrClient] = {}
 
-    def on_call(self, call: CallRecord) -> None:
+    async def on_call(self, call: CallRecord) -> None:
         """Audit every call; count it when serving metrics."""
-        self._hook(call)
+        # The append fsyncs: in a worker thread, so that ``control serve``
+        # keeps answering nodes meanwhile.
+        await trio.to_thread.run_sync(self._hook, call)
         if self.metrics is not None:
             self.metrics.on_call(call)
 
