@@ -1,11 +1,13 @@
 """One benchmark client: a raw-socket HTTP/1.1 reader, run as its own process.
 
-``python -I -S _client.py HOST PORT PATH [METHOD]`` connects, prints
+``python -I -S _client.py HOST PORT PATH [METHOD [OUTPUT]]`` connects, prints
 ``ready``, waits for a line on stdin (so that many clients start at the same
 moment), sends one request and reads the whole body into a reused 4 MiB
-buffer. It prints one JSON line: status, body bytes, and the monotonic start
-and end times (``CLOCK_MONOTONIC`` is shared by all processes, so the parent
-can take the wall time of a group as last end minus first start).
+buffer; with OUTPUT it also writes the body into that new file, as a cache
+would (the floor for any cache on this machine). It prints one JSON line:
+status, body bytes, and the monotonic start and end times
+(``CLOCK_MONOTONIC`` is shared by all processes, so the parent can take the
+wall time of a group as last end minus first start).
 
 Only the standard library, and no ``site``, so 32 of them start quickly;
 on this machine it reads faster than ``curl -o /dev/null``.
@@ -14,6 +16,7 @@ on this machine it reads faster than ``curl -o /dev/null``.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -24,7 +27,7 @@ _BUFFER = 4 << 20
 _TIMEOUT = 600.0
 
 
-def _read_head(sock: socket.socket, view: memoryview) -> tuple[int, int, int]:
+def _read_head(sock: socket.socket, view: memoryview) -> tuple[int, int, bytes]:
     """Reads the response head; returns (status, content length, body bytes read)."""
     head = b""
     for _ in range(1000):
@@ -44,12 +47,17 @@ def _read_head(sock: socket.socket, view: memoryview) -> tuple[int, int, int]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value.strip())
-    return status, length, len(rest)
+    return status, length, rest
 
 
 def main() -> int:
     host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     method = sys.argv[4] if len(sys.argv) > 4 else "GET"
+    output = (
+        os.open(sys.argv[5], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        if len(sys.argv) > 5
+        else None
+    )
     sock = socket.create_connection((host, port), timeout=_TIMEOUT)
     buffer = bytearray(_BUFFER)
     view = memoryview(buffer)
@@ -62,16 +70,23 @@ def main() -> int:
         "User-Agent: tcr-mirror-bench/1\r\nConnection: close\r\n\r\n"
     )
     sock.sendall(request.encode())
-    status, length, received = _read_head(sock, view)
+    status, length, early_body = _read_head(sock, view)
+    received = len(early_body)
     if method == "HEAD":
         length = received
+    if output is not None:
+        os.write(output, early_body)
     while received < length:
         count = sock.recv_into(view)
         if not count:
             break
         received += count
+        if output is not None:
+            os.write(output, view[:count])
     end = time.monotonic()
     sock.close()
+    if output is not None:
+        os.close(output)
 
     result = {"status": status, "bytes": received, "start": start, "end": end}
     print(json.dumps(result), flush=True)

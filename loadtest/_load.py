@@ -33,12 +33,18 @@ class GroupResult:
 
 
 def fetch_group(
-    port: int, path: str, clients: int, expected: int, method: str = "GET"
+    port: int,
+    path: str,
+    clients: int,
+    expected: int,
+    method: str = "GET",
+    output: Path | None = None,
 ) -> GroupResult:
     """Starts ``clients`` readers of ``path``, releases them at once, waits.
 
     ``expected`` is each body's size; the result is complete only if every
-    client got status 200 and all of it.
+    client got status 200 and all of it. With ``output`` (one client only)
+    the body is also written into that new file.
     """
     command = [sys.executable, "-I", "-S", str(_CLIENT), "127.0.0.1", str(port)]
     processes: list[subprocess.Popen[str]] = []
@@ -46,7 +52,7 @@ def fetch_group(
         for _ in range(clients):
             processes.append(
                 subprocess.Popen(
-                    [*command, path, method],
+                    [*command, path, method, *([str(output)] if output else [])],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
