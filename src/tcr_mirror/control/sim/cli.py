@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,6 +23,7 @@ from ...cli import CliError
 from .._credentials import CloudCredentials
 from ._app import Simulator
 from ._http import serve_http
+from ._persist import StateFileError, load_signing_key, restore, save
 from ._schema import SimError
 from ._state import REGION_IDS, SimConfig
 from ._verify import Key
@@ -59,8 +61,14 @@ def register(subparsers: Any) -> None:
         "--deploy-seconds", type=float, default=SimConfig.deploy_seconds
     )
     parser.add_argument("--seed", type=int, help="make generated ids reproducible")
-    # TODO: add --state-file to save the simulated account on exit and load it
-    # at start; today every start is a fresh account with a fresh signing key.
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        metavar="PATH",
+        help="load the simulated account (instances, tokens, Personal edition, "
+        "token-signing key) from here at start if it exists, and save it here "
+        "on SIGTERM/SIGINT; mode 0600, it holds a private key",
+    )
     parser.set_defaults(func=run)
 
 
@@ -86,14 +94,23 @@ def run(args: argparse.Namespace) -> int:
         operator_uin=args.owner_uin,
         deploy_seconds=args.deploy_seconds,
     )
-    simulator = Simulator(
-        {credentials.secret_id: Key(credentials.secret_key, credentials.token)},
-        config=config,
-        seed=args.seed,
-        issuer=args.issuer,
-    )
-    instances = {}
+    try:
+        signing_key = load_signing_key(args.state_file) if args.state_file else None
+        simulator = Simulator(
+            {credentials.secret_id: Key(credentials.secret_key, credentials.token)},
+            config=config,
+            seed=args.seed,
+            issuer=args.issuer,
+            signing_key=signing_key,
+        )
+        if args.state_file:
+            restore(simulator.state, args.state_file)
+    except StateFileError as exc:
+        raise CliError(str(exc)) from None
+    instances = {i.name: i.registry_id for i in simulator.state.instances.values()}
     for name in args.instance:
+        if name in instances:
+            continue  # restored from the state file
         try:
             instances[name] = simulator.add_instance(name)
         except SimError as exc:
@@ -109,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     trio.run(_serve, simulator, host, port, instances)
+    if args.state_file:
+        try:
+            save(simulator.state, args.state_file)
+        except OSError as exc:
+            raise CliError(f"cannot save {args.state_file}: {exc.strerror}") from None
     return 0
 
 
