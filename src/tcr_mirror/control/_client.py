@@ -341,9 +341,9 @@ class TcrClient:
             user_agent=self.user_agent,
             attempts=attempts,
         )
-        outcome = self._on_call(record)
-        if outcome is not None:
-            await outcome
+        pending = self._on_call(record)
+        if pending is not None:
+            await pending
 
 
 def _log(level: int, event: str, **fields: Any) -> None:
