@@ -5,7 +5,8 @@
 moment), sends one request and reads the whole body into a reused 4 MiB
 buffer; with OUTPUT it also writes the body into that new file, as a cache
 would (the floor for any cache on this machine). It prints one JSON line:
-status, body bytes, and the monotonic start and end times
+status, body bytes, the monotonic start and end times, and the CPU seconds
+the transfer cost this process
 (``CLOCK_MONOTONIC`` is shared by all processes, so the parent can take the
 wall time of a group as last end minus first start).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -64,6 +66,7 @@ def main() -> int:
     print("ready", flush=True)
     sys.stdin.readline()
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
     request = (
         f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -84,11 +87,19 @@ def main() -> int:
         if output is not None:
             os.write(output, view[:count])
     end = time.monotonic()
+    after = resource.getrusage(resource.RUSAGE_SELF)
     sock.close()
     if output is not None:
         os.close(output)
 
-    result = {"status": status, "bytes": received, "start": start, "end": end}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result = {
+        "status": status,
+        "bytes": received,
+        "start": start,
+        "end": end,
+        "cpu": cpu,
+    }
     print(json.dumps(result), flush=True)
     return 0
 

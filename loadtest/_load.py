@@ -25,6 +25,8 @@ class GroupResult:
     bytes: int
     statuses: list[int]
     complete: bool
+    cpu: float = 0.0
+    """CPU seconds the clients spent on their transfers, all together."""
 
     @property
     def throughput(self) -> float:
@@ -91,7 +93,8 @@ def _group(results: list[dict[str, float]], expected: int) -> GroupResult:
     complete = all(s == 200 for s in statuses) and all(
         int(r["bytes"]) == expected for r in results
     )
-    return GroupResult(len(results), wall, total, statuses, complete)
+    cpu = sum(float(r.get("cpu", 0.0)) for r in results)
+    return GroupResult(len(results), wall, total, statuses, complete, cpu)
 
 
 @dataclass(frozen=True)

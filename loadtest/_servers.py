@@ -231,6 +231,11 @@ class Mirror:
     def port(self) -> int:
         return self.node.port
 
+    @property
+    def pid(self) -> int | None:
+        process = self.node.process
+        return process.pid if process is not None else None
+
     def start(self) -> Mirror:
         self.node.start()
         return self

@@ -137,6 +137,14 @@ def read(port: int, path: str, size: int, clients: int = 1) -> GroupResult:
     return result
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU seconds that process ``pid`` has used so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -181,6 +189,7 @@ def cold_single(bench: Bench) -> Mirror:
         return read(bench.upstream.port, blob.api_path, blob.size).throughput
 
     mirror: Mirror | None = None
+    cpu: dict[str, list[float]] = {"mirror": [], "upstream": [], "client": []}
 
     def through_mirror() -> float:
         nonlocal mirror
@@ -188,9 +197,14 @@ def cold_single(bench: Bench) -> Mirror:
             bench.retire(mirror)
         bench.warm_upstream(blob)
         mirror = bench.new_mirror()
-        rate = read(mirror.port, blob.api_path, blob.size).throughput
+        pids = {"mirror": mirror.pid, "upstream": bench.upstream.registry.pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        result = read(mirror.port, blob.api_path, blob.size)
+        for name, pid in pids.items():
+            cpu[name].append((cpu_seconds(pid) - before[name]) / (blob.size / GIB))
+        cpu["client"].append(result.cpu / (blob.size / GIB))
         mirror.sample_rss()
-        return rate
+        return result.throughput
 
     def through_proxy() -> float:
         bench.warm_upstream(blob)
@@ -208,12 +222,20 @@ def cold_single(bench: Bench) -> Mirror:
         bench.sizes.repeats, direct, through_mirror, through_proxy, into_new_file
     )
     passed = mirror_rate >= 0.8 * upstream_rate and mirror_rate > proxy_rate
+    # Every byte costs the upstream, the mirror and the client CPU time on
+    # the same cores: their sum per GiB bounds the rate this machine allows.
+    per_gib = {name: median(values) for name, values in cpu.items()}
+    cores = os.cpu_count() or 1
+    ceiling = cores / sum(per_gib.values()) * GIB if sum(per_gib.values()) else 0.0
     bench.rows.append(
         Row(
             f"1 client, {blob.size // MIB} MiB blob not cached",
             mib_s(mirror_rate),
             f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)}; "
-            f"upstream into a new file {mib_s(file_rate)}",
+            f"upstream into a new file {mib_s(file_rate)}; CPU s/GiB through the "
+            f"mirror: mirror {per_gib['mirror']:.2f}, upstream "
+            f"{per_gib['upstream']:.2f}, client {per_gib['client']:.2f}, so at most "
+            f"{mib_s(ceiling)} on {cores} cores",
             ratio(mirror_rate, upstream_rate),
             ">= 0.8x upstream and > proxy registry",
             passed,
@@ -224,6 +246,8 @@ def cold_single(bench: Bench) -> Mirror:
                 "proxy_ratio": ratio(mirror_rate, proxy_rate),
                 "new_file": file_rate,
                 "new_file_ratio": ratio(mirror_rate, file_rate),
+                "cpu_seconds_per_gib": per_gib,
+                "cpu_ceiling": ceiling,
             },  # fmt: skip
         )
     )

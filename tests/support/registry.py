@@ -226,6 +226,11 @@ class Registry:
             if attempt == attempts - 1 or not self._lost_port_race():
                 raise RegistryStartError(self._failure_message())
 
+    @property
+    def pid(self) -> int | None:
+        """The running registry's process id, or None when it is not running."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         """Terminates the process (kills it if it lingers); safe to repeat."""
         process, self._process = self._process, None
