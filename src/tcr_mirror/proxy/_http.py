@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -33,7 +32,6 @@ logger = logging.getLogger(__name__)
 _MAX_HEAD = 16 * 1024
 _MAX_REQUEST_BODY = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
-_SEND_BUFFER = 4 << 20
 # A client has this long to send a request head, and an idle keep-alive
 # connection is closed after this long.
 _HEAD_TIMEOUT = 30.0
@@ -117,9 +115,8 @@ class HttpServer:
         )
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        # A large send buffer lets one sendfile call move megabytes: fewer
-        # trips through the event loop per blob.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        # The send buffer is left to the kernel's autotuning, as nginx does:
+        # a fixed 4 MiB one measured no faster for one client or for 32.
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         try:
             async with stream:

@@ -26,7 +26,9 @@ import trio
 
 __all__ = ["SendStalled", "send_stored", "sendfile_on_loop"]
 
-_SENDFILE_CHUNK = 8 << 20
+# Bytes per sendfile call, as nginx's sendfile_max_chunk: larger calls
+# measured no faster, and a smaller one returns sooner to look at the turn.
+_SENDFILE_CHUNK = 2 << 20
 # Bytes one response may send on the loop before letting other connections
 # have a turn.
 _LOOP_SHARE = 16 << 20
