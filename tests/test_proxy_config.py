@@ -26,6 +26,7 @@ def test_toml_then_flags(tmp_path: Path) -> None:
         data_dir = "{tmp_path / "data"}"
         tag_ttl = 2
         max_store_bytes = "2GiB"
+        ca_file = "/etc/tcr-mirror/ca.pem"
         [[upstreams]]
         url = "https://example.tencentcloudcr.com"
         default = true
@@ -39,6 +40,7 @@ def test_toml_then_flags(tmp_path: Path) -> None:
     assert config.listen == ("127.0.0.1", 7000)
     assert config.tag_ttl == 2
     assert config.max_store_bytes == 2 << 30
+    assert config.ca_file == Path("/etc/tcr-mirror/ca.pem")
     default = config.default_upstream
     assert default is not None
     assert default.namespace == "example.tencentcloudcr.com"

@@ -201,6 +201,7 @@ class _PushTarget:
     def __init__(self, url: str, credentials: tuple[str, str]) -> None:
         self.url = url
         self.credentials = credentials
+        self.verify = True
 
 
 def _credentials(url: str, registry: str, unlike: str = "") -> dict[str, str]:

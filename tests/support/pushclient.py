@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from collections.abc import Generator
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,11 @@ class PushTarget(Protocol):
 
     @property
     def credentials(self) -> tuple[str, str] | None: ...
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What to trust for HTTPS: a context, or True for the system's CAs."""
+        ...
 
 
 class PushError(RuntimeError):
@@ -123,6 +129,7 @@ class Pusher:
         self._client = httpx.Client(
             base_url=target.url,
             auth=RegistryAuth(target.credentials),
+            verify=target.verify,
             timeout=60,
             headers={"User-Agent": "tcr-mirror-test-push/1"},
         )

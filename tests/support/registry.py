@@ -26,6 +26,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -35,6 +36,7 @@ from urllib.parse import parse_qs
 
 import httpx
 
+from .tls import TlsFiles
 from .tokenserver import TokenServer
 
 __all__ = ["AccessLogEntry", "Registry", "RegistryStartError", "free_port"]
@@ -115,6 +117,7 @@ class Registry:
         token_server: a started ``TokenServer`` to run behind token auth.
         proxy_remote: upstream URL to run as a pull-through cache.
         proxy_credentials: ``(user, password)`` for ``proxy_remote``.
+        tls: serve HTTPS with these files (``support.tls``) instead of HTTP.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class Registry:
         token_server: TokenServer | None = None,
         proxy_remote: str | None = None,
         proxy_credentials: tuple[str, str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if htpasswd is not None and token_server is not None:
             raise ValueError("choose basic auth or token auth, not both")
@@ -133,6 +137,7 @@ class Registry:
         self.token_server = token_server
         self.proxy_remote = proxy_remote
         self.proxy_credentials = proxy_credentials
+        self.tls = tls
         self.log_path = workdir / "registry.log"
         self.storage = workdir / "storage"
         self.port = 0
@@ -143,7 +148,15 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client must trust to talk to this registry."""
+        if self.tls is None:
+            return True
+        return ssl.create_default_context(cafile=self.tls.ca)
 
     @property
     def host(self) -> str:
@@ -166,7 +179,12 @@ class Registry:
         """
         self._sync_count += 1
         marker = f"{_SYNC_AGENT}{self._sync_count}"
-        httpx.get(f"{self.url}/v2/", headers={"User-Agent": marker}, timeout=5)
+        httpx.get(
+            f"{self.url}/v2/",
+            headers={"User-Agent": marker},
+            timeout=5,
+            verify=self.verify,
+        )
 
         deadline = time.monotonic() + 5
         while True:
@@ -268,6 +286,15 @@ class Registry:
             },
             "http": {"addr": self.host, "secret": uuid.uuid4().hex},
         }
+        if self.tls is not None:
+            config["http"] = {
+                "addr": self.host,
+                "secret": uuid.uuid4().hex,
+                "tls": {
+                    "certificate": str(self.tls.certificate),
+                    "key": str(self.tls.key),
+                },
+            }
         auth = self._auth_config()
         if auth is not None:
             config["auth"] = auth
@@ -330,7 +357,9 @@ class Registry:
                 return False
             try:
                 headers = {"User-Agent": f"{_SYNC_AGENT}ready"}
-                httpx.get(f"{self.url}/v2/", headers=headers, timeout=1)
+                httpx.get(
+                    f"{self.url}/v2/", headers=headers, timeout=1, verify=self.verify
+                )
             except httpx.TransportError:
                 time.sleep(0.02)
                 continue

@@ -9,6 +9,7 @@ Example ``node.toml``::
     max_store_bytes = "50GiB"     # evict least recently used blobs past it
     store_high_watermark = 0.90   # start evicting at this share of the budget
     store_low_watermark = 0.80    # ...and stop at this one
+    ca_file = "/etc/tcr-mirror/ca.pem"  # also trust these CAs for HTTPS
 
     [[upstreams]]
     url = "https://example.tencentcloudcr.com"
@@ -27,6 +28,7 @@ line, so that secrets never appear in a process listing.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +43,7 @@ __all__ = [
     "UpstreamConfig",
     "parse_host_port",
     "parse_size",
+    "tls_context",
 ]
 
 
@@ -72,6 +75,7 @@ class NodeConfig:
     store_low_watermark: float = 0.80
     node_secret: str | None = field(default=None, repr=False)
     credentials_refresh: float = 30.0
+    ca_file: Path | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -95,7 +99,7 @@ class NodeConfig:
                 changes[key] = tuple(_upstream_from_table(t) for t in _tables(value))
             elif key in ("listen", "metrics_listen"):
                 changes[key] = parse_host_port(_str(key, value))
-            elif key == "data_dir":
+            elif key in ("data_dir", "ca_file"):
                 changes[key] = Path(_str(key, value))
             elif key in ("tag_ttl", "connect_timeout", "read_timeout"):
                 changes[key] = _seconds(key, value)
@@ -185,6 +189,28 @@ def make_upstream(
         raise ConfigError("put upstream credentials in a credentials file, not the URL")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS settings for upstreams and the control plane.
+
+    The system's trusted CAs, plus those in ``ca_file`` (PEM) if given: a
+    registry or control plane behind a private CA, or a test's own.
+
+    Raises:
+        ConfigError: ``ca_file`` cannot be read or holds no certificate.
+    """
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError:
+            raise ConfigError(f"CA file {ca_file} holds no PEM certificate") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read CA file {ca_file}: {exc.strerror}"
+            ) from None
+    return context
 
 
 def read_secret_file(path: Path) -> str:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import httpx
 import trio
 
 from tcr_mirror.proxy._auth import Credentials
+from tcr_mirror.proxy._config import tls_context
 from tcr_mirror.proxy._errors import UpstreamUnavailable
 
 __all__ = ["ControlPlaneCredentials"]
@@ -48,6 +50,7 @@ class ControlPlaneCredentials:
         *,
         refresh: float = 30.0,
         retry: float = _RETRY_AFTER_FAILURE,
+        ca_file: Path | None = None,
     ) -> None:
         self._url = url.rstrip("/") + "/v1/credentials"
         self._registry = registry
@@ -58,7 +61,7 @@ class ControlPlaneCredentials:
         self._expires_at = 0.0
         self._refresh_at = 0.0
         self._lock = trio.Lock()
-        self._client = httpx.AsyncClient(timeout=5.0)
+        self._client = httpx.AsyncClient(timeout=5.0, verify=tls_context(ca_file))
 
     def __repr__(self) -> str:
         return f"ControlPlaneCredentials({self._url!r}, registry={self._registry!r})"

@@ -46,6 +46,7 @@ def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
             timeouts=timeouts,
             user_agent=f"tcr-mirror/{__version__}",
             metrics=metrics,
+            ca_file=config.ca_file,
         )
         upstreams.append(upstream)
         if up.default:
@@ -64,6 +65,7 @@ def _credential_source(
             registry,
             config.node_secret,
             refresh=config.credentials_refresh,
+            ca_file=config.ca_file,
         )
     if upstream.credentials:
         return StaticCredentials(upstream.credentials)

@@ -177,7 +177,10 @@ async def raw_get(
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         if parts.scheme == "https":
             context = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(stream, context, server_hostname=host)
+            # HTTPS servers may close without a TLS close_notify.
+            stream = trio.SSLStream(
+                stream, context, server_hostname=host, https_compatible=True
+            )
             await stream.do_handshake()
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -32,6 +33,7 @@ from tcr_mirror.proxy._auth import (
     parse_retry_after,
     parse_token_response,
 )
+from tcr_mirror.proxy._config import tls_context
 from tcr_mirror.proxy._errors import (
     Denied,
     ManifestUnknown,
@@ -103,6 +105,7 @@ class Upstream:
         user_agent: Sent with every request.
         http2: Offer HTTP/2 on TLS connections.
         metrics: Where to count requests and their latency.
+        ca_file: CA certificates to trust on HTTPS besides the system's.
     """
 
     def __init__(
@@ -115,8 +118,15 @@ class Upstream:
         user_agent: str = "tcr-mirror",
         http2: bool = True,
         metrics: MirrorMetrics | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.key = key
+        # Two contexts: httpx offers HTTP/2 through ALPN on the context it is
+        # given, while blob bodies are read raw as HTTP/1.1 and must not
+        # have a server pick h2.
+        self._tls = tls_context(ca_file)
+        self._raw_tls = tls_context(ca_file)
+        self._raw_tls.set_alpn_protocols(["http/1.1"])
         self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
@@ -128,6 +138,7 @@ class Upstream:
             http2=http2,
             headers={"User-Agent": user_agent},
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            verify=self._tls,
         )
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
@@ -298,6 +309,7 @@ class Upstream:
                 headers,
                 connect_timeout=self._timeouts.connect,
                 read_timeout=self._timeouts.read,
+                ssl_context=self._raw_tls,
             )
         except trio.TooSlowError as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc

@@ -20,6 +20,7 @@ from tcr_mirror.proxy._config import (
     parse_upstream_flag,
     read_credentials_file,
     read_secret_file,
+    tls_context,
 )
 from tcr_mirror.proxy._daemon import serve_until_signal
 
@@ -114,12 +115,20 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--read-timeout", type=float, metavar="SECONDS", help="upstream (30)"
     )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="also trust these CA certificates for HTTPS upstreams and the "
+        "control plane (the system's CAs are always trusted)",
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         config = _config_from_args(args)
+        tls_context(config.ca_file)  # a bad CA file stops the start, in one line
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
     configure_logging(config.log_level)
@@ -132,6 +141,7 @@ _SIMPLE_FLAGS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_host_port,
     "metrics_listen": parse_host_port,
     "data_dir": Path,
+    "ca_file": Path,
     "tag_ttl": float,
     "log_level": str,
     "max_store_bytes": parse_size,
