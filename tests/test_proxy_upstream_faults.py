@@ -31,6 +31,7 @@ from support.node import NodeFactory, NodeProcess
 from support.pull import Pulled
 from support.pull import pull as pull_url
 from support.registry import Registry
+from support.tls import make_tls_files
 
 REPO = "faults/app"
 TAG = "v1"
@@ -52,9 +53,21 @@ def image(module_registry: Registry) -> PushedImage:
 
 
 @pytest.fixture
-def proxy(module_registry: Registry) -> Iterator[FaultProxy]:
-    with FaultProxy(module_registry.url) as fault_proxy:
+def proxy(
+    request: pytest.FixtureRequest,
+    module_registry: Registry,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FaultProxy]:
+    """The fault proxy; ``https`` (by indirect parametrization) serves TLS."""
+    scheme = getattr(request, "param", "http")
+    tls = make_tls_files(tmp_path_factory.mktemp("tls")) if scheme == "https" else None
+    with FaultProxy(module_registry.url, tls=tls) as fault_proxy:
         yield fault_proxy
+
+
+# The faults that meet the blob reader's two transports differently run over
+# both: plain HTTP is read on the event loop, HTTPS in worker threads.
+both_schemes = pytest.mark.parametrize("proxy", ["http", "https"], indirect=True)
 
 
 @pytest.fixture
@@ -67,8 +80,11 @@ def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
         *,
         direct_url: str | None = None,
         credentials: tuple[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> NodeProcess:
         args = ["--tag-ttl", "0", "--upstream", default_url]
+        if ca_file is not None:
+            args += ["--ca-file", str(ca_file)]
         if direct_url is not None:
             args += ["--upstream", f"{DIRECT}={direct_url}"]
         if credentials is not None:
@@ -85,7 +101,8 @@ def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
 def node(
     node_factory: NodeFactory, proxy: FaultProxy, module_registry: Registry
 ) -> NodeProcess:
-    return node_factory(proxy.url, direct_url=module_registry.url)
+    ca_file = proxy.tls.ca if proxy.tls is not None else None
+    return node_factory(proxy.url, direct_url=module_registry.url, ca_file=ca_file)
 
 
 # Helpers.
@@ -161,6 +178,7 @@ def wait_for_request(proxy: FaultProxy, method: str, path: str) -> None:
 # Cut bodies and resumes.
 
 
+@both_schemes
 def test_cut_body_is_resumed_from_the_first_missing_byte(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
@@ -179,6 +197,7 @@ def test_cut_body_is_resumed_from_the_first_missing_byte(
     assert proxy.count("GET", blob_path(digest)) == 3
 
 
+@both_schemes
 def test_fetch_gives_up_after_three_resumes(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
@@ -215,6 +234,7 @@ def test_resume_not_answered_with_the_asked_range_fails_cleanly(
     assert proxy.count("GET", blob_path(digest), range=None) == 2
 
 
+@both_schemes
 def test_corrupted_byte_never_completes_and_is_fetched_again(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
@@ -229,6 +249,7 @@ def test_corrupted_byte_never_completes_and_is_fetched_again(
     assert proxy.count("GET", blob_path(digest)) == 2
 
 
+@both_schemes
 def test_clients_joined_to_a_failing_fetch_all_see_it_fail(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
@@ -255,6 +276,7 @@ def test_clients_joined_to_a_failing_fetch_all_see_it_fail(
 # Stalls.
 
 
+@both_schemes
 @pytest.mark.parametrize("stall", [FaultKind.STALL_HEAD, FaultKind.STALL_BODY])
 def test_stalled_upstream_ends_in_an_error_while_others_are_served(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage, stall: FaultKind
@@ -294,6 +316,7 @@ def test_upstream_500_is_answered_503_unavailable(
     assert_serves(node, proxy, image)
 
 
+@both_schemes
 @pytest.mark.parametrize("kind", [FaultKind.GARBAGE, FaultKind.CLOSE])
 def test_garbage_or_closed_connection_is_answered_503_unavailable(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage, kind: FaultKind

@@ -23,12 +23,15 @@ import http.client
 import json
 import secrets
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import EllipsisType
 from urllib.parse import urlsplit
+
+from .tls import TlsFiles
 
 __all__ = ["Fault", "FaultKind", "FaultProxy", "ProxyRequest"]
 
@@ -136,13 +139,16 @@ class FaultProxy:
 
     Args:
         target_url: ``http://host:port`` of the registry behind it.
+        tls: Serve HTTPS with these files (``support.tls``): the faults
+            then reach the mirror inside TLS, as they would from TCR.
     """
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, tls: TlsFiles | None = None) -> None:
         parts = urlsplit(target_url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"FaultProxy needs an http:// target, got {target_url}")
         self.target = (parts.hostname, parts.port or 80)
+        self.tls = tls
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
@@ -158,7 +164,7 @@ class FaultProxy:
 
     def start(self) -> FaultProxy:
         for handler in (_ProxyHandler, _StorageHandler):
-            server = _Server(("127.0.0.1", 0), handler, self)
+            server = _Server(("127.0.0.1", 0), handler, self, self.tls)
             thread = threading.Thread(
                 target=server.serve_forever,
                 kwargs={"poll_interval": 0.05},
@@ -194,11 +200,15 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port(0)}"
+        return f"{self._scheme}://127.0.0.1:{self._port(0)}"
 
     @property
     def storage_url(self) -> str:
-        return f"http://127.0.0.1:{self._port(1)}"
+        return f"{self._scheme}://127.0.0.1:{self._port(1)}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     def add_fault(self, fault: Fault) -> Fault:
         """Add a rule after the existing ones (the first match applies)."""
@@ -279,9 +289,18 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         proxy: FaultProxy,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.proxy = proxy
         super().__init__(address, handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.certificate, tls.key)
+            # The handshake happens in the connection's own thread, on its
+            # first read, so a stalled client cannot hold up accepting.
+            self.socket = context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -311,7 +311,7 @@ class Upstream:
                 read_timeout=self._timeouts.read,
                 ssl_context=self._raw_tls,
             )
-        except trio.TooSlowError as exc:
+        except (trio.TooSlowError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
         except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
             raise UpstreamUnavailable(
