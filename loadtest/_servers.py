@@ -33,6 +33,7 @@ from support.images import Descriptor  # noqa: E402
 from support.node import NodeProcess  # noqa: E402
 from support.pushclient import Pusher  # noqa: E402
 from support.registry import Registry, free_port  # noqa: E402
+from support.tls import make_tls_files  # noqa: E402
 
 __all__ = ["Blob", "Mirror", "Nginx", "Registry", "Upstream", "free_port"]
 
@@ -88,6 +89,16 @@ def write_blob(storage: Path, size: int, seed: int) -> Blob:
 def drop_blob(blob: Blob) -> None:
     """Deletes a seeded blob's data file (its link stays; the space is freed)."""
     blob.path.unlink(missing_ok=True)
+
+
+def tls_twin(upstream: Upstream, workdir: Path) -> Registry:
+    """A second registry serving the upstream's storage over HTTPS.
+
+    Its certificate comes from a CA made here, in ``workdir/tls/ca.pem``.
+    """
+    registry = Registry(workdir, tls=make_tls_files(workdir / "tls"))
+    registry.storage = upstream.storage
+    return registry
 
 
 class Upstream:
@@ -217,12 +228,15 @@ class Nginx:
 class Mirror:
     """One ``tcr-mirror node`` process with a data directory of its own."""
 
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
+    def __init__(
+        self, workdir: Path, upstream_url: str, ca_file: Path | None = None
+    ) -> None:
         workdir.mkdir(parents=True)
         self.workdir = workdir
+        trust = ["--ca-file", str(ca_file)] if ca_file is not None else []
         self.node = NodeProcess(
             workdir / "data",
-            ["--upstream", upstream_url, "--log-level", "info"],
+            ["--upstream", upstream_url, "--log-level", "info", *trust],
             log_path=workdir / "node.log",
         )
         self.peak_rss = 0

@@ -17,8 +17,10 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -26,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from _load import GroupResult, fetch_group, run_rate_clients, run_wrk
-from _servers import REPOSITORY, TAG, Blob, Mirror, Nginx, Registry, Upstream
+from _servers import (
+    REPOSITORY,
+    TAG,
+    Blob,
+    Mirror,
+    Nginx,
+    Registry,
+    Upstream,
+    tls_twin,
+)
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -62,6 +73,8 @@ class Row:
     target: str
     passed: bool | None
     values: dict[str, Any]
+    informative: bool = False
+    """A figure with no target of its own: shown as ``info``, not ``SKIP``."""
 
 
 class Bench:
@@ -92,10 +105,16 @@ class Bench:
         self.nginx.start()
         self.stack.callback(self.nginx.stop)
 
-    def new_mirror(self) -> Mirror:
+    def new_mirror(
+        self, upstream_url: str | None = None, ca_file: Path | None = None
+    ) -> Mirror:
         """A mirror with an empty data directory (the previous one is removed)."""
         self._serial += 1
-        mirror = Mirror(self.workdir / f"mirror-{self._serial}", self.upstream.url)
+        mirror = Mirror(
+            self.workdir / f"mirror-{self._serial}",
+            upstream_url or self.upstream.url,
+            ca_file=ca_file,
+        )
         self.stack.callback(mirror.stop)
         self.mirrors.append(mirror)
         return mirror.start()
@@ -253,6 +272,58 @@ def cold_single(bench: Bench) -> Mirror:
     )
     assert mirror is not None
     return mirror
+
+
+def cold_single_tls(bench: Bench) -> None:
+    """One client, big blob not cached, the upstream over HTTPS as TCR is.
+
+    Not a target of its own: how much of the plain-HTTP figure survives
+    TLS. The reference is curl reading the blob straight from the same
+    HTTPS upstream (our reader speaks plain HTTP only).
+    """
+    blob = bench.upstream.blobs["big"]
+    log(f"cold read of {blob.size // MIB} MiB over HTTPS")
+    registry = tls_twin(bench.upstream, bench.workdir / "upstream-tls")
+    registry.start()
+    bench.stack.callback(registry.stop)
+    assert registry.tls is not None
+    ca_file = registry.tls.ca
+    url = f"{registry.url}{blob.api_path}"
+
+    def direct() -> float:
+        bench.warm_upstream(blob)
+        started = time.monotonic()
+        subprocess.run(
+            ["curl", "-sSf", "--cacert", str(ca_file), "-o", "/dev/null", url],
+            check=True,
+            timeout=600,
+        )
+        return blob.size / (time.monotonic() - started)
+
+    def through_mirror() -> float:
+        bench.warm_upstream(blob)
+        mirror = bench.new_mirror(registry.url, ca_file=ca_file)
+        try:
+            rate = read(mirror.port, blob.api_path, blob.size).throughput
+            mirror.sample_rss()
+            return rate
+        finally:
+            bench.retire(mirror)
+
+    direct_rate, mirror_rate = interleave(bench.sizes.repeats, direct, through_mirror)
+    bench.rows.append(
+        Row(
+            f"1 client, {blob.size // MIB} MiB blob not cached, HTTPS upstream",
+            mib_s(mirror_rate),
+            f"curl straight from the HTTPS upstream {mib_s(direct_rate)}",
+            ratio(mirror_rate, direct_rate),
+            "none (how TLS weighs on the row above)",
+            None,
+            {"mirror": mirror_rate, "direct": direct_rate},
+            informative=True,
+        )
+    )
+    registry.stop()
 
 
 def download_to_file(bench: Bench, blob: Blob) -> float:
@@ -508,6 +579,7 @@ def run(bench: Bench) -> None:
     bench.start()
     big_mirror = cold_single(bench)
     warm_single(bench, big_mirror)
+    cold_single_tls(bench)
     big_mirror.stop()
     mirror, proxy = cold_fanout(bench)
     warm_fanout(bench, mirror)
@@ -528,7 +600,11 @@ def table(rows: list[Row]) -> str:
     ]
     for row in rows:
         shown = "" if row.ratio is None else f"{row.ratio:.2f}"
-        result = {True: "PASS", False: "FAIL", None: "SKIP"}[row.passed]
+        result = (
+            "info"
+            if row.informative
+            else {True: "PASS", False: "FAIL", None: "SKIP"}[row.passed]
+        )
         lines.append(
             f"| {row.check} | {row.mirror} | {row.reference} | {shown} "
             f"| {row.target} | {result} |"
@@ -555,7 +631,7 @@ def load_average() -> str:
 
 
 def missing_tools() -> list[str]:
-    tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk"]
+    tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk", "curl"]
     return [tool for tool in tools if shutil.which(tool) is None]
 
 
