@@ -24,6 +24,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support.control_sim import reap
 from tcr_mirror.control import _signing
 from tcr_mirror.control.sim import (
     Key,
@@ -455,11 +456,7 @@ def sim_process(
         announcement["cert"] = cert
         yield process, announcement
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
+        reap(process)
 
 
 async def test_cli_serves_and_exits_zero_on_sigterm(

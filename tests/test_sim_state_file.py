@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from support.control_sim import reap
 from tcr_mirror.control.sim import Simulator
 from tcr_mirror.control.sim._jwt import SigningKey
 from tcr_mirror.control.sim._persist import (
@@ -145,11 +146,7 @@ def _sim(
         announcement = json.loads(process.stderr.readline())
         yield process, announcement
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
+        reap(process)
 
 
 def _stop(process: subprocess.Popen[str]) -> int:

@@ -100,3 +100,12 @@ def sim_process(*instances: str) -> Iterator[dict[str, object]]:
             drain.join(timeout=10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def reap(process: subprocess.Popen[str]) -> None:
+    """Kill ``process`` if it still runs, wait for it, close its stderr pipe."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+    if process.stderr is not None:
+        process.stderr.close()
