@@ -514,3 +514,32 @@ def test_empty_blob(registry: Registry, node: NodeProcess) -> None:
             assert got.content == b""
             assert got.headers["content-length"] == "0"
         assert client.head(f"/v2/app/blobs/{digest}").status_code == 200
+
+
+def test_a_proxy_in_the_environment_is_not_used_for_the_upstream(
+    registry: Registry, node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Blob bodies are read over raw sockets that know no HTTP proxy, so
+    # manifests must not go through one either: both go straight upstream.
+    image = push_image(registry, "team/app", "v1", layer_sizes=(2048,))
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections fail
+    proxy_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy_url)
+    try:
+        node = node_factory("--upstream", registry.url)
+    finally:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy"):
+            monkeypatch.delenv(name)
+    try:
+        with httpx.Client(base_url=node.url, trust_env=False) as client:
+            manifest = client.get(
+                "/v2/team/app/manifests/v1", headers={"Accept": ALL_MANIFESTS}
+            )
+            assert manifest.status_code == 200
+            assert manifest.content == image.manifest_bytes
+            digest, data = image.layers[0]
+            assert client.get(f"/v2/team/app/blobs/{digest}").content == data
+    finally:
+        dead.close()

@@ -61,7 +61,10 @@ class ControlPlaneCredentials:
         self._expires_at = 0.0
         self._refresh_at = 0.0
         self._lock = trio.Lock()
-        self._client = httpx.AsyncClient(timeout=5.0, verify=tls_context(ca_file))
+        # The control plane is the node's neighbour: never through a proxy.
+        self._client = httpx.AsyncClient(
+            timeout=5.0, verify=tls_context(ca_file), trust_env=False
+        )
 
     def __repr__(self) -> str:
         return f"ControlPlaneCredentials({self._url!r}, registry={self._registry!r})"

@@ -139,6 +139,12 @@ class Upstream:
             headers={"User-Agent": user_agent},
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             verify=self._tls,
+            # Blob bodies go over raw sockets that know no HTTP proxy, so the
+            # rest must not take one either: an HTTP(S)_PROXY in the node's
+            # environment would send manifests one way and blobs another.
+            # TODO: support upstreams reachable only through an HTTP proxy
+            # (a CONNECT tunnel in _rawget, and httpx's proxy for the rest).
+            trust_env=False,
         )
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
