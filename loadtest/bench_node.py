@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from _load import GroupResult, fetch_group, run_rate_clients, run_wrk
 from _servers import (
     REPOSITORY,
@@ -36,6 +39,7 @@ from _servers import (
     Nginx,
     Registry,
     Upstream,
+    drop_blob,
     tls_twin,
 )
 
@@ -329,6 +333,54 @@ def cold_single_tls(bench: Bench) -> None:
     registry.stop()
 
 
+def wrong_bytes(bench: Bench) -> None:
+    """A blob whose bytes at the upstream no longer match its digest.
+
+    One byte of the upstream's file is flipped, as a failing disk would.
+    Each cache is asked twice on an empty store: the first GET fetches,
+    the second shows what the cache kept.
+    """
+    log("a blob whose bytes do not match its digest")
+    blob = bench.upstream.seed("wrong", 8 * MIB, seed=4)
+    with blob.path.open("r+b") as data:
+        data.seek(blob.size // 3)
+        byte = data.read(1)
+        data.seek(blob.size // 3)
+        data.write(bytes([byte[0] ^ 0xFF]))
+    outcomes: dict[str, list[str]] = {}
+    mirror, proxy = bench.new_mirror(), bench.new_proxy()
+    for name, port in (("mirror", mirror.port), ("proxy", proxy.port)):
+        outcomes[name] = [_blob_outcome(port, blob) for _ in range(2)]
+    bench.retire(mirror)
+    bench.retire_proxy(proxy)
+    drop_blob(blob)
+    served_wrong = "served wrong bytes"
+    bench.rows.append(
+        Row(
+            "GET of a blob whose upstream bytes do not match its digest, twice",
+            ", then ".join(outcomes["mirror"]),
+            "proxy registry " + ", then ".join(outcomes["proxy"]),
+            None,
+            "never serve or keep bytes that do not match the digest",
+            served_wrong not in outcomes["mirror"],
+            outcomes,
+        )
+    )
+
+
+def _blob_outcome(port: int, blob: Blob) -> str:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}{blob.api_path}", timeout=120)
+    except httpx.HTTPError:
+        return "cut short"
+    if response.status_code != 200:
+        return f"error {response.status_code}"
+    if len(response.content) != blob.size:
+        return "cut short"
+    digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+    return "served right bytes" if digest == blob.digest else "served wrong bytes"
+
+
 def download_to_file(bench: Bench, blob: Blob) -> float:
     """The blob straight from the upstream into a new file: bytes per second.
 
@@ -590,6 +642,7 @@ def run(bench: Bench) -> None:
     tag_load(bench, mirror, proxy)
     bench.retire(mirror)
     bench.retire_proxy(proxy)
+    wrong_bytes(bench)
     peak_rss(bench, big_mirror)
 
 
