@@ -10,15 +10,17 @@ from typing import Any
 import pytest
 
 from tcr_mirror.control._desired import (
-    Change,
     DesiredState,
     DesiredVpc,
+    load_desired,
+    parse_desired,
+)
+from tcr_mirror.control._diff import (
+    Change,
     ObservedInstance,
     ObservedPolicy,
     ObservedToken,
     diff,
-    load_desired,
-    parse_desired,
 )
 from tcr_mirror.control._reconcile import rules_from_audit
 

@@ -1,7 +1,7 @@
 """Plan and apply desired state against TCR (the I/O half of :mod:`._desired`).
 
 ``observe`` reads every instance the desired state names with the Describe*
-actions, :func:`._desired.diff` turns that into changes, and
+actions, :func:`._diff.diff` turns that into changes, and
 ``apply_changes`` performs them in order. A failure stops the run: the
 report names the changes done, the one that failed with TCR's code, and
 those not attempted, so a rerun (which plans afresh) picks up from there.
@@ -18,16 +18,8 @@ from typing import Any
 import trio
 
 from ._client import TcrClient, TcrResponse
-from ._desired import (
-    Change,
-    DesiredInstance,
-    DesiredState,
-    DesiredVpc,
-    ObservedInstance,
-    ObservedPolicy,
-    ObservedToken,
-    diff,
-)
+from ._desired import DesiredInstance, DesiredState, DesiredVpc
+from ._diff import Change, ObservedInstance, ObservedPolicy, ObservedToken, diff
 from ._errors import TcrError
 
 __all__ = [
