@@ -11,7 +11,7 @@ Two ways, for two kinds of body:
   processing too). From the event loop that work stays on one core, and
   every time a socket fills up the loop pays for a wakeup; threads that
   wait a moment in ``poll`` for a fast reader run it on every core. With
-  32 clients reading a cached blob this went from 0.6x to 0.8-0.9x of
+  32 clients reading a cached blob this went from 0.6x to 0.92-0.96x of
   nginx's two worker processes in ``loadtest/bench_node.py``.
 """
 
