@@ -403,20 +403,27 @@ def download_to_file(bench: Bench, blob: Blob) -> float:
 
 def warm_single(bench: Bench, mirror: Mirror) -> None:
     """One client, big blob cached: mirror vs nginx."""
-    blob = bench.upstream.blobs["big"]
-    log(f"warm read of {blob.size // MIB} MiB")
+    warm_read(bench, mirror, "big", 1)
+
+
+def warm_read(bench: Bench, mirror: Mirror, name: str, clients: int) -> None:
+    """``clients`` clients at once on a cached blob: aggregate rate vs nginx."""
+    blob = bench.upstream.blobs[name]
+    log(f"{clients} client(s), warm {blob.size // MIB} MiB")
     nginx_path = f"/{blob.hex}"
     read(bench.nginx.port, nginx_path, blob.size)
     read(mirror.port, blob.api_path, blob.size)
     nginx_rate, mirror_rate = interleave(
         bench.sizes.warm_repeats,
-        lambda: read(bench.nginx.port, nginx_path, blob.size).throughput,
-        lambda: read(mirror.port, blob.api_path, blob.size).throughput,
+        lambda: read(bench.nginx.port, nginx_path, blob.size, clients).throughput,
+        lambda: read(mirror.port, blob.api_path, blob.size, clients).throughput,
     )
     mirror.sample_rss()
+    check = f"{clients} client{'s' if clients > 1 else ''}, {blob.size // MIB} MiB "
+    check += "blob cached" + (" (aggregate)" if clients > 1 else "")
     bench.rows.append(
         Row(
-            f"1 client, {blob.size // MIB} MiB blob cached",
+            check,
             mib_s(mirror_rate),
             f"nginx {mib_s(nginx_rate)}",
             ratio(mirror_rate, nginx_rate),
@@ -481,28 +488,7 @@ def cold_fanout(bench: Bench, clients: int = 32) -> tuple[Mirror, Registry]:
 
 def warm_fanout(bench: Bench, mirror: Mirror, clients: int = 32) -> None:
     """32 clients at once, mid blob cached: aggregate rate, mirror vs nginx."""
-    blob = bench.upstream.blobs["mid"]
-    log(f"{clients} clients, warm {blob.size // MIB} MiB")
-    nginx_path = f"/{blob.hex}"
-    read(bench.nginx.port, nginx_path, blob.size)
-    read(mirror.port, blob.api_path, blob.size)
-    nginx_rate, mirror_rate = interleave(
-        bench.sizes.warm_repeats,
-        lambda: read(bench.nginx.port, nginx_path, blob.size, clients).throughput,
-        lambda: read(mirror.port, blob.api_path, blob.size, clients).throughput,
-    )
-    mirror.sample_rss()
-    bench.rows.append(
-        Row(
-            f"{clients} clients, {blob.size // MIB} MiB blob cached (aggregate)",
-            mib_s(mirror_rate),
-            f"nginx {mib_s(nginx_rate)}",
-            ratio(mirror_rate, nginx_rate),
-            ">= 0.9x nginx",
-            mirror_rate >= 0.9 * nginx_rate,
-            {"mirror": mirror_rate, "nginx": nginx_rate},
-        )
-    )
+    warm_read(bench, mirror, "mid", clients)
 
 
 def request_rates(bench: Bench, mirror: Mirror, proxy: Registry) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.control_sim import SECRET_KEY, sim_env, sim_process
+from support.control_sim import SECRET_KEY, sim_env, sim_process, stop_process
 
 ERROR_LINE = re.compile(
     r"^tcr-mirror: error: [A-Za-z.]+: .+ \(RequestId [0-9a-f-]{36}\)$"
@@ -304,16 +304,7 @@ def test_serve_hands_out_tokens(cli: Cli) -> None:
         bad = httpx.get(url, params={"registry": host})
         assert bad.status_code == 401
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if drain.ident is not None:
-            drain.join(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_process(proc, drain=drain)
     assert proc.returncode == 0
     token = good.json()["password"]
     assert token not in "".join(captured)

@@ -24,7 +24,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support.control_sim import reap
+from support.control_sim import stop_process
 from tcr_mirror.control import _signing
 from tcr_mirror.control.sim import (
     Key,
@@ -456,7 +456,7 @@ def sim_process(
         announcement["cert"] = cert
         yield process, announcement
     finally:
-        reap(process)
+        stop_process(process, terminate=False)
 
 
 async def test_cli_serves_and_exits_zero_on_sigterm(

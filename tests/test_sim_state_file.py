@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support.control_sim import reap
+from support.control_sim import stop_process
 from tcr_mirror.control.sim import Simulator
 from tcr_mirror.control.sim._jwt import SigningKey
 from tcr_mirror.control.sim._persist import (
@@ -146,7 +146,7 @@ def _sim(
         announcement = json.loads(process.stderr.readline())
         yield process, announcement
     finally:
-        reap(process)
+        stop_process(process, terminate=False)
 
 
 def _stop(process: subprocess.Popen[str]) -> int:

@@ -90,22 +90,31 @@ def sim_process(*instances: str) -> Iterator[dict[str, object]]:
         drain.start()
         yield announcement
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if drain is not None:
-            drain.join(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_process(proc, drain=drain)
 
 
-def reap(process: subprocess.Popen[str]) -> None:
-    """Kill ``process`` if it still runs, wait for it, close its stderr pipe."""
+def stop_process(
+    process: subprocess.Popen[str],
+    *,
+    terminate: bool = True,
+    drain: threading.Thread | None = None,
+) -> None:
+    """End ``process`` and reap it, then join ``drain`` and close stderr.
+
+    SIGTERM first (SIGKILL straight away without ``terminate``), and SIGKILL
+    if it lingers for 10 s. ``drain`` is a thread reading its stderr.
+    """
     if process.poll() is None:
+        if terminate:
+            process.terminate()
+        else:
+            process.kill()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         process.kill()
-    process.wait(timeout=10)
+        process.wait()
+    if drain is not None and drain.ident is not None:
+        drain.join(timeout=10)
     if process.stderr is not None:
         process.stderr.close()
