@@ -94,10 +94,6 @@ class BlobFetch:
     def finished(self) -> bool:
         return self.done or self.error is not None
 
-    async def wait_progress(self) -> None:
-        """Wait for the next change of the fetch's state."""
-        await self._changed.wait()
-
     def notify(self) -> None:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
@@ -273,6 +269,7 @@ class _Absorber:
         self._fetch = fetch
         self._token = trio.lowlevel.current_trio_token()
         self.error: OSError | None = None
+        self._moved = trio.Event()
         self._fd = fd
         self._offset = fetch.written
         self._writer = _Worker(self, "blob-writer", self._write, fetch.written)
@@ -304,11 +301,19 @@ class _Absorber:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(callback)
 
+    async def wait_moved(self) -> None:
+        """Wait until either thread has got further (or a write failed)."""
+        await self._moved.wait()
+
     def progress(self) -> None:
-        # Runs on the loop. Clients may read what is written; the hash only
-        # has to keep up, which ``absorbed`` lets the receiver wait for.
-        self._fetch.written = self._writer.done
-        self._fetch.notify()
+        # Runs on the loop. Clients may read what is written, so only the
+        # writer's progress wakes them; the hash only has to keep up, which
+        # the receiver waits for with ``wait_moved``.
+        moved, self._moved = self._moved, trio.Event()
+        moved.set()
+        if self._fetch.written != self._writer.done:
+            self._fetch.written = self._writer.done
+            self._fetch.notify()
 
 
 class _Worker:
@@ -390,7 +395,7 @@ async def _absorb(
             while (
                 received - absorber.absorbed > _MAX_BACKLOG and absorber.error is None
             ):
-                await fetch.wait_progress()
+                await absorber.wait_moved()
     finally:
         await absorber.finish()
     if absorber.error is not None:
