@@ -20,8 +20,7 @@ from tcr_mirror.control.sim import Simulator
 from tcr_mirror.control.sim._jwt import SigningKey
 from tcr_mirror.control.sim._persist import (
     StateFileError,
-    load_signing_key,
-    restore,
+    load,
     save,
 )
 from tcr_mirror.control.sim._state import InstanceToken, Replica, VpcLink
@@ -65,10 +64,11 @@ def test_an_account_comes_back_as_it_was_saved(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     save(original.state, path)
 
-    key = load_signing_key(path)
-    assert key is not None
+    saved = load(path)
+    assert saved is not None
+    key = saved.signing_key
     restored = _simulator(key)
-    assert restore(restored.state, path) is True
+    saved.restore_into(restored.state)
 
     assert restored.state.instances == original.state.instances
     assert restored.state.tokens == original.state.tokens
@@ -92,8 +92,7 @@ def test_the_file_is_private_and_replaced_whole(tmp_path: Path) -> None:
 def test_no_file_yet_leaves_a_fresh_account(tmp_path: Path) -> None:
     simulator = _simulator()
     path = tmp_path / "missing.json"
-    assert load_signing_key(path) is None
-    assert restore(simulator.state, path) is False
+    assert load(path) is None
     assert simulator.state.instances == {}
 
 
@@ -110,7 +109,7 @@ def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path, text: str) -
     path = tmp_path / "state.json"
     path.write_text(text)
     with pytest.raises(StateFileError):
-        load_signing_key(path)
+        load(path)
 
 
 def test_a_state_file_with_missing_parts_is_refused(tmp_path: Path) -> None:
@@ -120,7 +119,7 @@ def test_a_state_file_with_missing_parts_is_refused(tmp_path: Path) -> None:
     del document["instances"][0]["endpoint"]
     path.write_text(json.dumps(document))
     with pytest.raises(StateFileError, match="not a simulator state file"):
-        restore(_simulator().state, path)
+        load(path)
 
 
 # The CLI, as a process.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ._state import (
     VpcLink,
 )
 
-__all__ = ["StateFileError", "load_signing_key", "restore", "save"]
+__all__ = ["SavedAccount", "StateFileError", "load", "save"]
 
 _FORMAT = 1
 
@@ -66,49 +67,55 @@ def save(state: SimState, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def load_signing_key(path: Path) -> SigningKey | None:
-    """The signing key saved in ``path``, or None if there is no file yet.
+@dataclass(frozen=True)
+class SavedAccount:
+    """An account read back from a state file."""
 
-    Raises:
-        StateFileError: The file is unreadable or not a state file.
-    """
-    document = _read(path)
-    return None if document is None else _key_from_json(document["signing_key"])
+    signing_key: SigningKey
+    instances: dict[str, Instance]
+    tokens: dict[str, InstanceToken]
+    personal: PersonalAccount
+
+    def restore_into(self, state: SimState) -> None:
+        """Make ``state`` hold this account (its key is given at creation)."""
+        state.instances = dict(self.instances)
+        state.tokens = dict(self.tokens)
+        state.personal = self.personal
 
 
-def restore(state: SimState, path: Path) -> bool:
-    """Load the account saved in ``path`` into ``state``.
-
-    Returns:
-        False if there is no file yet (``state`` is left as it is).
+def load(path: Path) -> SavedAccount | None:
+    """The account saved in ``path``, or None if there is no file yet.
 
     Raises:
         StateFileError: The file is unreadable or not a state file.
     """
     document = _read(path)
     if document is None:
-        return False
+        return None
+    signing_key = _key_from_json(document.get("signing_key"))
     try:
-        state.instances = {
-            raw["registry_id"]: _instance_from_json(raw)
-            for raw in document["instances"]
-        }
-        state.tokens = {
-            raw["token_id"]: InstanceToken(**raw) for raw in document["tokens"]
-        }
         personal = document["personal"]
-        state.personal = PersonalAccount(
-            password=personal["password"],
-            namespaces=dict(personal["namespaces"]),
-            repos=dict(personal["repos"]),
-            lifecycle={
-                name: (int(keep), float(at))
-                for name, (keep, at) in personal["lifecycle"].items()
+        return SavedAccount(
+            signing_key=signing_key,
+            instances={
+                raw["registry_id"]: _instance_from_json(raw)
+                for raw in document["instances"]
             },
+            tokens={
+                raw["token_id"]: InstanceToken(**raw) for raw in document["tokens"]
+            },
+            personal=PersonalAccount(
+                password=personal["password"],
+                namespaces=dict(personal["namespaces"]),
+                repos=dict(personal["repos"]),
+                lifecycle={
+                    name: (int(keep), float(at))
+                    for name, (keep, at) in personal["lifecycle"].items()
+                },
+            ),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StateFileError(f"{path}: not a simulator state file ({exc})") from None
-    return True
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -147,13 +154,13 @@ def _key_to_json(key: SigningKey) -> dict[str, str]:
     }
 
 
-def _key_from_json(raw: dict[str, str]) -> SigningKey:
+def _key_from_json(raw: Any) -> SigningKey:
     try:
         private = serialization.load_pem_private_key(
             raw["private_key"].encode(), password=None
         )
         certificate = load_pem_x509_certificate(raw["certificate"].encode())
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise StateFileError(f"the saved signing key is unusable ({exc})") from None
     if not isinstance(private, rsa.RSAPrivateKey):
         raise StateFileError("the saved signing key is not an RSA key")

@@ -23,7 +23,7 @@ from ...cli import CliError
 from .._credentials import CloudCredentials
 from ._app import Simulator
 from ._http import serve_http
-from ._persist import StateFileError, load_signing_key, restore, save
+from ._persist import StateFileError, load, save
 from ._schema import SimError
 from ._state import REGION_IDS, SimConfig
 from ._verify import Key
@@ -95,16 +95,16 @@ def run(args: argparse.Namespace) -> int:
         deploy_seconds=args.deploy_seconds,
     )
     try:
-        signing_key = load_signing_key(args.state_file) if args.state_file else None
+        saved = load(args.state_file) if args.state_file else None
         simulator = Simulator(
             {credentials.secret_id: Key(credentials.secret_key, credentials.token)},
             config=config,
             seed=args.seed,
             issuer=args.issuer,
-            signing_key=signing_key,
+            signing_key=saved.signing_key if saved else None,
         )
-        if args.state_file:
-            restore(simulator.state, args.state_file)
+        if saved is not None:
+            saved.restore_into(simulator.state)
     except StateFileError as exc:
         raise CliError(str(exc)) from None
     instances = {i.name: i.registry_id for i in simulator.state.instances.values()}
