@@ -22,6 +22,7 @@ request and waits until the marker is logged before it reads.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -151,9 +152,9 @@ class Registry:
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    @property
+    @functools.cached_property
     def verify(self) -> ssl.SSLContext | bool:
-        """What an httpx client must trust to talk to this registry."""
+        """What an httpx client must trust to talk to this registry (made once)."""
         if self.tls is None:
             return True
         return ssl.create_default_context(cafile=self.tls.ca)
