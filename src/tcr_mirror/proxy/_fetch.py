@@ -46,6 +46,7 @@ from tcr_mirror.proxy._oci import Digest
 from tcr_mirror.proxy._rawget import BodyBroken, RawResponse
 from tcr_mirror.proxy._store import BlobStore
 from tcr_mirror.proxy._upstream import Upstream, status_error
+from tcr_mirror.proxy._writebehind import WriteBehind
 
 __all__ = ["BlobFetch", "BlobFetcher", "FetchAborted"]
 
@@ -256,10 +257,11 @@ class _Absorber:
 
     The event loop only receives and queues. One thread writes each piece
     at its offset, the other feeds it to sha256; both calls release the
-    GIL, so they run beside the loop and beside each other. Writing into
-    new page-cache pages is the dearest step of a cold fetch (on this
-    project's CI machines about 2.3 s of CPU per GiB, four times the
-    hash), so the hash must not wait behind it. Each thread reports its
+    GIL, so they run beside the loop and beside each other, and neither
+    waits behind the other's slow moments. The writer lets go of the page
+    cache far behind it (:mod:`~tcr_mirror.proxy._writebehind`): writing
+    into fresh pages cost 2.9-3.4 s of CPU per GiB on this project's CI
+    machines, three times the hash. Each thread reports its
     progress back to the loop without waiting for it (``run_sync_soon``),
     at most one report in flight per thread. A hop to a worker thread per
     piece cost more than the piece's hashing.
@@ -272,6 +274,7 @@ class _Absorber:
         self._moved = trio.Event()
         self._fd = fd
         self._offset = fetch.written
+        self._write_behind = WriteBehind(fetch.written)
         self._writer = _Worker(self, "blob-writer", self._write, fetch.written)
         self._hasher = _Worker(self, "blob-hasher", hasher.update, fetch.written)
 
@@ -296,6 +299,10 @@ class _Absorber:
             written = os.pwrite(self._fd, view, self._offset)
             self._offset += written
             view = view[written:]
+        for advised in self._write_behind.advance(self._offset).ranges():
+            os.posix_fadvise(
+                self._fd, advised.start, len(advised), os.POSIX_FADV_DONTNEED
+            )
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         with contextlib.suppress(trio.RunFinishedError):
