@@ -211,8 +211,23 @@ def start_clients(
     ]
 
 
-def stalled_bytes(node: NodeProcess) -> int:
-    return sum(files_under(node, "tmp").values())
+def hex_of(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def stalled_at_the_stall(node: NodeProcess, held: dict[str, bytes]) -> int:
+    """How many temporary files hold their blob's bytes up to the stall.
+
+    A fetch claims its whole blob's size up front, so a file's length
+    tells nothing; its bytes do.
+    """
+    count = 0
+    for path in (node.data_dir / "tmp").glob("*"):
+        blob = held.get(path.name.split(".", 1)[0])
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
+            if blob is not None and file.read(STALL_AFTER) == blob[:STALL_AFTER]:
+                count += 1
+    return count
 
 
 # Kills while blobs are fetched.
@@ -243,8 +258,10 @@ def test_kill_while_fetching_then_restart_recovers(
                 f"{want} fetches to finish",
             )
         else:
+            by_hex = {d.split(":", 1)[1]: blob for d, blob in image.layers}
+            held_blobs = {hex_: by_hex[hex_] for hex_ in map(hex_of, held)}
             wait_until(
-                lambda: stalled_bytes(node) == len(held) * STALL_AFTER,
+                lambda: stalled_at_the_stall(node, held_blobs) == len(held),
                 "the stalled fetches to reach the stall",
             )
             # start_clients submits the layers in order, CLIENTS_PER_BLOB times.
@@ -260,9 +277,13 @@ def test_kill_while_fetching_then_restart_recovers(
         assert_no_wrong_body(one, blobs)
     temps = files_under(node, "tmp")
     if held:
-        # Each stalled fetch left its temporary file; none is a blob.
-        assert len(temps) == len(held)
-        assert all(size == STALL_AFTER for size in temps.values())
+        # Each stalled fetch left its temporary file, of the blob's size
+        # claimed up front; none is a blob.
+        assert sorted(name.split(".", 1)[0] for name in temps) == sorted(
+            map(hex_of, held)
+        )
+        sizes = {hex_of(d): len(blob) for d, blob in image.layers}
+        assert all(size == sizes[name.split(".", 1)[0]] for name, size in temps.items())
     stored = restart_and_check(node, proxy, image)
     for digest in held:
         assert digest.split(":", 1)[1] not in stored

@@ -397,6 +397,8 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     failed = pull_blob(node, wanted)
 
     assert_clean_failure(failed, wanted_data)
+    # The fetch claims the blob's space before the client gets a head.
+    assert failed.status == 507, failed.status
     reasons = [e.get("reason", "") for e in events(node, "blob_fetch_failed")]
     assert any("no space" in reason for reason in reasons), reasons
     assert temp_files(node) == []

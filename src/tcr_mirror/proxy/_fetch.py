@@ -223,6 +223,7 @@ class BlobFetcher:
                     if first:
                         assert fetch.size is not None
                         self._store.reserve(fetch.digest, fetch.size)
+                        await _allocate(fd, fetch.size)
                     fetch.notify()
                     await _absorb(response, fetch, fd, hasher)
             except BodyBroken as exc:
@@ -242,6 +243,21 @@ class BlobFetcher:
             raise UpstreamUnavailable(
                 f"upstream {upstream.key} sent bytes that do not match {fetch.digest}"
             )
+
+
+async def _allocate(fd: int, size: int) -> None:
+    """Claim the blob's disk space before its first byte is written.
+
+    A disk that cannot hold the blob fails the fetch now, before any client
+    was sent a byte, not half-way through. It is cheaper too: ext4 then
+    maps the file's blocks once, not block by block as the writer goes
+    (cold 1 GiB fetch in ``loadtest/bench_node.py``: 0.35 s less system
+    CPU per GiB, 401 to 464 MiB/s). The file's length says nothing about
+    how much of it was written; clients go by ``BlobFetch.written``.
+    """
+    if size:
+        # Waits for the thread if cancelled: the caller closes ``fd`` next.
+        await trio.to_thread.run_sync(os.posix_fallocate, fd, 0, size)
 
 
 def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
