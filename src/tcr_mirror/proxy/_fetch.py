@@ -28,11 +28,10 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,6 +46,9 @@ from tcr_mirror.proxy._rawget import BodyBroken, RawResponse
 from tcr_mirror.proxy._store import BlobStore
 from tcr_mirror.proxy._upstream import Upstream, status_error
 from tcr_mirror.proxy._writebehind import WriteBehind
+
+if TYPE_CHECKING:
+    import outcome
 
 __all__ = ["BlobFetch", "BlobFetcher", "FetchAborted"]
 
@@ -268,161 +270,117 @@ def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
     return UpstreamUnavailable(f"fetch of {digest} failed: {type(exc).__name__}")
 
 
-class _Absorber:
-    """Writes and hashes a blob's bytes on two threads of their own.
+class _Pump:
+    """Receives, hashes and writes one response's body in a worker thread.
 
-    The event loop only receives and queues. One thread writes each piece
-    at its offset, the other feeds it to sha256; both calls release the
-    GIL, so they run beside the loop and beside each other, and neither
-    waits behind the other's slow moments. The writer lets go of the page
-    cache far behind it (:mod:`~tcr_mirror.proxy._writebehind`): writing
-    into fresh pages cost 2.9-3.4 s of CPU per GiB on this project's CI
-    machines, three times the hash. Each thread reports its
-    progress back to the loop without waiting for it (``run_sync_soon``),
-    at most one report in flight per thread. A hop to a worker thread per
-    piece cost more than the piece's hashing.
+    One thread does all three for each piece, in a buffer it reuses: a
+    piece then stays in that core's cache and never crosses threads, and
+    ``recv``, sha256 and ``pwrite`` all release the GIL, so the event loop
+    sends to clients beside it. The writer lets go of the page cache far
+    behind it (:mod:`~tcr_mirror.proxy._writebehind`): writing into fresh
+    pages cost 2.9-3.4 s of CPU per GiB on this project's CI machines,
+    three times the hash.
+
+    The thread tells the loop how far it got without waiting for it
+    (``run_sync_soon``), at most one report in flight; clients may then
+    read every byte reported.
     """
 
-    def __init__(self, fetch: BlobFetch, fd: int, hasher: hashlib._Hash) -> None:
+    def __init__(
+        self, response: RawResponse, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
+    ) -> None:
+        self._response = response
         self._fetch = fetch
-        self._token = trio.lowlevel.current_trio_token()
-        self.error: OSError | None = None
-        self._moved = trio.Event()
         self._fd = fd
-        self._offset = fetch.written
-        self._write_behind = WriteBehind(fetch.written)
-        self._writer = _Worker(self, "blob-writer", self._write, fetch.written)
-        self._hasher = _Worker(self, "blob-hasher", hasher.update, fetch.written)
+        self._hasher = hasher
+        self._token = trio.lowlevel.current_trio_token()
+        self._position = fetch.written
+        self._report_due = False
 
-    def add(self, chunk: bytes | bytearray) -> None:
-        self._writer.add(chunk)
-        self._hasher.add(chunk)
+    async def run(self) -> None:
+        """Pump the body into the file until it ends, fails or is cancelled.
 
-    @property
-    def absorbed(self) -> int:
-        """Bytes both written and hashed."""
-        return min(self._writer.done, self._hasher.done)
+        Raises:
+            BodyBroken: The body was cut; every byte before the cut is
+                written, hashed and reported.
+            UpstreamUnavailable: The body was longer than the blob.
+            OSError: Writing failed (a full disk).
+        """
+        finished = trio.Event()
+        result: list[outcome.Outcome[None]] = []
 
-    async def finish(self) -> None:
-        """Wait until every piece added is written and hashed (or a write failed)."""
-        with trio.CancelScope(shield=True):
-            await self._writer.finish()
-            await self._hasher.finish()
+        def deliver(thread_result: outcome.Outcome[None]) -> None:
+            result.append(thread_result)
+            self._call_soon(finished.set)
 
-    def _write(self, piece: bytes | bytearray) -> None:
-        view = memoryview(piece)
-        while view:
-            written = os.pwrite(self._fd, view, self._offset)
-            self._offset += written
-            view = view[written:]
-        for advised in self._write_behind.advance(self._offset).ranges():
-            os.posix_fadvise(
-                self._fd, advised.start, len(advised), os.POSIX_FADV_DONTNEED
-            )
+        trio.lowlevel.start_thread_soon(self._pump, deliver, name="blob-pump")
+        try:
+            await finished.wait()
+        except BaseException:
+            # Cancelled: end the thread's read, and wait for the thread,
+            # because the caller closes the file next and a descriptor
+            # number reused while the thread still writes to it would send
+            # the bytes into some other file.
+            self._response.abort()
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+            raise
+        finally:
+            self._report()
+        result[0].unwrap()
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
+    def _pump(self) -> None:
+        size = self._fetch.size
+        assert size is not None
+        write_behind = WriteBehind(self._position)
+        buffer = bytearray(_PIECE)
+        with memoryview(buffer) as whole:
+            while self._position < size:
+                # One byte more than the blob may still hold is asked for,
+                # so that a body longer than the blob is noticed.
+                view = whole[: min(_PIECE, size - self._position + 1)]
+                count = self._response.read_into(view)
+                if not count:
+                    return
+                if self._position + count > size:
+                    raise UpstreamUnavailable(
+                        "upstream sent more bytes than the blob's size"
+                    )
+                piece = view[:count]
+                self._hasher.update(piece)
+                while piece:
+                    written = os.pwrite(self._fd, piece, self._position)
+                    self._position += written
+                    piece = piece[written:]
+                for advised in write_behind.advance(self._position).ranges():
+                    os.posix_fadvise(
+                        self._fd, advised.start, len(advised), os.POSIX_FADV_DONTNEED
+                    )
+                if not self._report_due:
+                    self._report_due = True
+                    self._call_soon(self._report)
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(callback)
 
-    async def wait_moved(self) -> None:
-        """Wait until either thread has got further (or a write failed)."""
-        await self._moved.wait()
-
-    def progress(self) -> None:
-        # Runs on the loop. Clients may read what is written, so only the
-        # writer's progress wakes them; the hash only has to keep up, which
-        # the receiver waits for with ``wait_moved``.
-        moved, self._moved = self._moved, trio.Event()
-        moved.set()
-        if self._fetch.written != self._writer.done:
-            self._fetch.written = self._writer.done
+    def _report(self) -> None:
+        # Runs on the loop.
+        self._report_due = False
+        if self._fetch.written != self._position:
+            self._fetch.written = self._position
             self._fetch.notify()
 
 
-class _Worker:
-    """A thread that applies one step to each piece, in order."""
-
-    def __init__(
-        self,
-        absorber: _Absorber,
-        name: str,
-        step: Callable[[bytes | bytearray], None],
-        done: int,
-    ) -> None:
-        self.done = done
-        self._absorber = absorber
-        self._step = step
-        self._queue: queue.SimpleQueue[bytes | bytearray | None] = queue.SimpleQueue()
-        self._report_due = False
-        self._finished = trio.Event()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def add(self, piece: bytes | bytearray) -> None:
-        self._queue.put(piece)
-
-    async def finish(self) -> None:
-        self._queue.put(None)
-        await self._finished.wait()
-
-    def _run(self) -> None:
-        try:
-            while (piece := self._queue.get()) is not None:
-                if self._absorber.error is None:
-                    self._apply(piece)
-        finally:
-            self._absorber.call_soon(self._done)
-
-    def _apply(self, piece: bytes | bytearray) -> None:
-        try:
-            self._step(piece)
-        except OSError as exc:
-            # A full disk: raised by _absorb in the loop, after finish(); the
-            # report wakes a loop waiting for progress.
-            self._absorber.error = exc
-            self._absorber.call_soon(self._absorber.progress)
-            return
-        self.done += len(piece)
-        if not self._report_due:
-            self._report_due = True
-            self._absorber.call_soon(self._report)
-
-    def _report(self) -> None:
-        self._report_due = False
-        self._absorber.progress()
-
-    def _done(self) -> None:
-        self._report()
-        self._finished.set()
-
-
-# Received bytes not yet written and hashed that make the loop wait.
-_MAX_BACKLOG = 8 << 20
+# Bytes one read may bring: large pieces make the per-piece costs (a hash
+# call, a write, a report to the loop) small next to the copying.
+_PIECE = 1 << 20
 
 
 async def _absorb(
     response: RawResponse, fetch: BlobFetch, fd: int, hasher: hashlib._Hash
 ) -> None:
-    assert fetch.size is not None
-    received = fetch.written
-    absorber = _Absorber(fetch, fd, hasher)
-    # Every received byte is written before this returns, also when the
-    # body is cut: the resume then starts right after them.
-    try:
-        while (chunk := await response.receive()) and absorber.error is None:
-            received += len(chunk)
-            if received > fetch.size:
-                raise UpstreamUnavailable(
-                    "upstream sent more bytes than the blob's size"
-                )
-            absorber.add(chunk)
-            while (
-                received - absorber.absorbed > _MAX_BACKLOG and absorber.error is None
-            ):
-                await absorber.wait_moved()
-    finally:
-        await absorber.finish()
-    if absorber.error is not None:
-        raise absorber.error
+    await _Pump(response, fetch, fd, hasher).run()
     if fetch.written != fetch.size:
         raise BodyBroken("upstream body ended early")
 

@@ -6,19 +6,20 @@ blob fetch needs none of httpx's generality: one GET, one response, a
 ``Content-Length`` body, the connection closed afterwards. So h11 parses
 the response head (and a chunked body, which registries do not send for
 blobs), and the body's bytes are then read from the socket in large
-pieces with no copy of ours.
+pieces into the caller's buffer.
 
-Two transports carry it:
+The connection is a blocking socket (``ssl`` for HTTPS, which every real
+upstream speaks) read in worker threads, never on the event loop:
 
-* Plain HTTP is read on the event loop, waking only once a good piece has
-  queued up in the socket (``SO_RCVLOWAT``).
-* HTTPS, which every real upstream speaks, is read in a worker thread from
-  a blocking ``ssl`` socket. trio's ``SSLStream`` hands out one TLS record
-  (16 KiB at most) per call, each a trip through the event loop: measured
-  here it cost 3.5 s of CPU per GiB on its own and, with a piece per
-  record going on to the writer and hasher threads, capped a fetch at
-  about 50 MiB/s. A blocking socket decrypts at 1.6 s per GiB, and the
-  thread hands the loop a piece per megabyte.
+* :meth:`RawResponse.read_into` is for a caller that is itself a worker
+  thread: a blob fetch receives, hashes and writes each piece in one
+  thread of its own (see :mod:`~tcr_mirror.proxy._fetch`), so a piece
+  never crosses threads. Measured here this cost 0.3 s of CPU less per
+  GiB than receiving on the loop and handing pieces to a writer thread
+  and a hasher thread.
+* trio's ``SSLStream`` would hand out one TLS record (16 KiB at most) per
+  call, each a trip through the event loop: it cost 3.5 s of CPU per GiB
+  on its own and capped a fetch at about 50 MiB/s.
 
 Authentication, redirects and ``429`` handling stay in
 :class:`~tcr_mirror.proxy._upstream.Upstream`, which sends blob GETs
@@ -31,18 +32,24 @@ import contextlib
 import select
 import socket
 import ssl
-from typing import Protocol
+import struct
+import threading
 from urllib.parse import urlsplit
 
 import h11
 import httpx
+import outcome
 import trio
 
 __all__ = ["BodyBroken", "RawResponse", "raw_get"]
 
 _HEAD_READ = 64 * 1024
 _BODY_READ = 1 << 20
+# A read returns once it holds this much and nothing more is waiting:
+# fewer, larger pieces, while a slow upstream's bytes still flow on.
 _LOW_WATER = 256 << 10
+# How long a read holding less than that waits for more before returning:
+# bytes before a stall must reach the file (and clients) soon.
 _LOW_WATER_WAIT = 0.02
 _MAX_HEAD = 64 * 1024
 
@@ -51,144 +58,161 @@ class BodyBroken(Exception):
     """The body stopped short of its length: cut, stalled or garbled."""
 
 
-class _Transport(Protocol):
-    async def send_all(self, data: bytes) -> None: ...
+class _BlockingSocket:
+    """A connected blocking socket, plain or TLS, used from worker threads.
 
-    async def read_some(self) -> bytes | bytearray:
-        """Whatever arrives next, ``b""`` at the end; for heads and chunks."""
-        ...
-
-    async def read_piece(self, size: int, remaining: int) -> bytes | bytearray:
-        """Up to ``size`` body bytes of the ``remaining``, ``b""`` at the end."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _LoopSocket:
-    """Plain TCP, read on the event loop."""
-
-    def __init__(self, stream: trio.SocketStream, read_timeout: float) -> None:
-        self._stream = stream
-        self._read_timeout = read_timeout
-        self._low_water = 1
-
-    async def send_all(self, data: bytes) -> None:
-        await self._stream.send_all(data)
-
-    async def read_some(self) -> bytes | bytearray:
-        self._set_low_water_mark(1)
-        with trio.fail_after(self._read_timeout):
-            return await self._stream.receive_some(_HEAD_READ)
-
-    async def read_piece(self, size: int, remaining: int) -> bytes | bytearray:
-        # Wake only once a good piece has queued up (SO_RCVLOWAT): each
-        # wake-up costs the event loop more than copying the piece does.
-        # An upstream too slow to fill the mark soon, and the end of the
-        # body, are read with the mark back at one byte, so no byte waits
-        # for long.
-        if remaining > _LOW_WATER:
-            self._set_low_water_mark(_LOW_WATER)
-            with trio.move_on_after(_LOW_WATER_WAIT):
-                return await self._stream.receive_some(size)
-        self._set_low_water_mark(1)
-        with trio.fail_after(self._read_timeout):
-            return await self._stream.receive_some(size)
-
-    def _set_low_water_mark(self, mark: int) -> None:
-        if mark != self._low_water:
-            self._stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-            self._low_water = mark
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self._stream)
-
-
-class _ThreadTls:
-    """TLS over a blocking socket, read in worker threads.
-
-    The socket's own timeout (the read timeout) bounds every call. A
-    cancelled read abandons its thread; :meth:`aclose` then shuts the
-    socket down, which ends the thread's ``recv`` at once.
+    On a plain socket the read timeout is the kernel's (``SO_RCVTIMEO``,
+    ``SO_SNDTIMEO``), not Python's: with a Python timeout every ``recv``
+    costs a ``poll`` first. :meth:`abort` may be called from any thread;
+    it ends a ``recv`` that another thread is blocked in at once.
     """
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        # What ended a read that still returned the bytes before it.
-        self._error: OSError | None = None
 
-    async def send_all(self, data: bytes) -> None:
-        await trio.to_thread.run_sync(self._sock.sendall, data, abandon_on_cancel=True)
+    def send_all(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            raise TimeoutError(
+                "the upstream took no bytes within the timeout"
+            ) from None
 
-    async def read_some(self) -> bytes | bytearray:
-        return await trio.to_thread.run_sync(
-            self._sock.recv, _HEAD_READ, abandon_on_cancel=True
-        )
+    def read_some(self) -> bytes:
+        try:
+            return self._sock.recv(_HEAD_READ)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            raise TimeoutError("no bytes came within the read timeout") from None
 
-    async def read_piece(self, size: int, remaining: int) -> bytes | bytearray:
-        return await trio.to_thread.run_sync(self._fill, size, abandon_on_cancel=True)
+    def read_into(self, view: memoryview) -> tuple[int, OSError | None]:
+        """Fill ``view`` while bytes keep coming.
 
-    def _fill(self, size: int) -> bytearray:
-        # Up to ``size`` bytes, returning early once a good piece is in and
-        # nothing more is waiting, so a slow upstream's bytes still flow on.
-        # Bytes that arrived before an error are returned first and the
-        # error on the next call, so a resume starts right after them.
-        if self._error is not None:
-            raise self._error
-        piece = bytearray(size)
-        view = memoryview(piece)
+        Returns once :data:`_LOW_WATER` bytes are in and no more are
+        waiting, or fewer are in and none came for :data:`_LOW_WATER_WAIT`.
+
+        Returns:
+            The bytes read, ``0`` at the end of the stream, and the error
+            that ended the read early, if one did after some bytes came.
+        """
         got = 0
-        while got < size:
+        while got < len(view):
             try:
-                count = self._sock.recv_into(view[got:])
+                count = self._recv_into(view[got:], wait=not got)
             except OSError as exc:
                 if not got:
                     raise
-                self._error = exc
-                break
+                return got, exc
+            if count is None:
+                if got >= _LOW_WATER or not self._readable(_LOW_WATER_WAIT):
+                    break
+                continue
             if not count:
                 break
             got += count
-            if got >= _LOW_WATER and not self._more_waiting():
-                break
-        view.release()
-        del piece[got:]
-        return piece
+        return got, None
 
-    def _more_waiting(self) -> bool:
-        if self._sock.pending():
-            return True
-        readable, _, _ = select.select([self._sock], [], [], 0)
+    def _recv_into(self, view: memoryview, *, wait: bool) -> int | None:
+        """Receive into ``view``; without ``wait``, None if nothing is waiting."""
+        try:
+            if wait:
+                return self._sock.recv_into(view)
+            if isinstance(self._sock, ssl.SSLSocket):
+                if not self._sock.pending() and not self._readable(0):
+                    return None
+                return self._sock.recv_into(view)
+            return self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            if wait:
+                raise TimeoutError("no bytes came within the read timeout") from None
+            return None
+
+    def _readable(self, wait: float) -> bool:
+        readable, _, _ = select.select([self._sock], [], [], wait)
         return bool(readable)
 
-    async def aclose(self) -> None:
-        # Shutting down first wakes a thread still in recv on this socket.
+    def abort(self) -> None:
         with contextlib.suppress(OSError):  # the other end closed it already
             self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        # Shutting down first wakes a thread still in recv on this socket.
+        self.abort()
         self._sock.close()
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-def _connect_tls(
+def _connect(
     host: str,
     port: int,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     connect_timeout: float,
     read_timeout: float,
-) -> _ThreadTls:
-    """Runs in a worker thread: connect and finish the TLS handshake."""
+) -> _BlockingSocket:
+    """Runs in a worker thread: connect (and finish the TLS handshake)."""
     raw = socket.create_connection((host, port), timeout=connect_timeout)
     try:
-        sock = context.wrap_socket(raw, server_hostname=host)
+        if context is not None:
+            # ssl retries a read the kernel timed out for ever, so TLS keeps
+            # Python's timeout; its poll per read weighs little next to the
+            # decryption.
+            sock = context.wrap_socket(raw, server_hostname=host)
+            sock.settimeout(read_timeout)
+            return _BlockingSocket(sock)
+        raw.settimeout(None)
+        seconds = int(read_timeout)
+        timeval = struct.pack("ll", seconds, int((read_timeout - seconds) * 1e6))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     except BaseException:
         raw.close()
         raise
-    sock.settimeout(read_timeout)
-    return _ThreadTls(sock)
+    return _BlockingSocket(raw)
+
+
+async def _connect_in_thread(
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    connect_timeout: float,
+    read_timeout: float,
+) -> _BlockingSocket:
+    """:func:`_connect` in a worker thread, left behind if the caller is cancelled.
+
+    The thread then closes the socket it made itself, so a cancelled
+    connect leaks nothing.
+    """
+    lock = threading.Lock()
+    abandoned = False
+    result: list[outcome.Outcome[_BlockingSocket]] = []
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(connected: outcome.Outcome[_BlockingSocket]) -> None:
+        with lock:
+            if not abandoned:
+                result.append(connected)
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(finished.set)
+                return
+        if isinstance(connected, outcome.Value):
+            connected.value.close()
+
+    def connect() -> _BlockingSocket:
+        return _connect(host, port, context, connect_timeout, read_timeout)
+
+    trio.lowlevel.start_thread_soon(connect, deliver, name="upstream-connect")
+    try:
+        await finished.wait()
+    except BaseException:
+        with lock:
+            abandoned = True
+            if result and isinstance(result[0], outcome.Value):
+                result[0].value.close()
+        raise
+    return result[0].unwrap()
 
 
 class RawResponse:
-    """A response whose body is read with :meth:`receive`.
+    """A response whose body is read with :meth:`read_into` or :meth:`receive`.
 
     Attributes:
         status_code: The HTTP status.
@@ -198,7 +222,7 @@ class RawResponse:
 
     def __init__(
         self,
-        transport: _Transport,
+        transport: _BlockingSocket,
         connection: h11.Connection,
         head: h11.Response,
         url: str,
@@ -210,78 +234,108 @@ class RawResponse:
         self.url = httpx.URL(url)
         length = self.headers.get("content-length", "")
         self._remaining: int | None = int(length) if length.isdigit() else None
-        self._buffered = _buffered_body(connection)
+        # Body bytes received but not handed out yet: those that came with
+        # the head, or the rest of a chunk larger than the caller's buffer.
+        self._buffered, ended = _buffered_body(connection)
+        if ended:
+            self._remaining = len(self._buffered)
+        # What ended a read that still returned the bytes before it.
+        self._error: OSError | None = None
 
-    async def receive(self) -> bytes | bytearray:
-        """Return the next piece of the body; ``b""`` once it is complete.
+    def read_into(self, view: memoryview) -> int:
+        """Read the next body bytes into ``view``; ``0`` once the body is complete.
+
+        Blocks: call it from a worker thread, one call at a time. Bytes
+        that arrived before the connection failed are returned first and
+        the failure raised by the next call, so a resume can start right
+        after them.
 
         Raises:
             BodyBroken: The connection ended, stalled past the read timeout
                 or broke the protocol before the body was complete.
         """
         if self._buffered:
-            buffered, self._buffered = self._buffered, b""
-            return self._count(buffered)
+            count = min(len(view), len(self._buffered))
+            view[:count] = self._buffered[:count]
+            self._buffered = self._buffered[count:]
+            return self._count(count)
         if self._remaining == 0:
-            return b""
+            return 0
+        if self._error is not None:
+            raise BodyBroken(type(self._error).__name__) from self._error
         try:
             if self._remaining is None:
-                return await self._receive_framed()
-            size = min(self._remaining, _BODY_READ)
-            piece = await self._transport.read_piece(size, self._remaining)
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                return self._read_framed(view)
+            count, self._error = self._transport.read_into(view[: self._remaining])
+        except OSError as exc:
             raise BodyBroken(type(exc).__name__) from exc
-        if not piece:
+        if not count:
             raise BodyBroken("connection closed before the end of the body")
-        return self._count(piece)
+        return self._count(count)
 
-    def _count(self, piece: bytes | bytearray) -> bytes | bytearray:
+    def _count(self, count: int) -> int:
         if self._remaining is not None:
-            self._remaining -= len(piece)
-            if self._remaining < 0:
-                raise BodyBroken("more bytes than Content-Length")
-        return piece
+            self._remaining -= count
+        return count
 
-    async def _receive_framed(self) -> bytes:
+    def _read_framed(self, view: memoryview) -> int:
         # Chunked or close-delimited bodies go through h11.
         try:
             while True:
                 event = self._connection.next_event()
                 if event is h11.NEED_DATA:
-                    data = await self._transport.read_some()
-                    self._connection.receive_data(bytes(data))
+                    self._connection.receive_data(self._transport.read_some())
                 elif isinstance(event, h11.Data):
-                    return bytes(event.data)
+                    self._buffered = bytes(event.data)
+                    if self._buffered:
+                        return self.read_into(view)
                 elif isinstance(event, h11.EndOfMessage):
-                    return b""
+                    self._remaining = 0
+                    return 0
                 else:
                     raise BodyBroken("connection closed before the end of the body")
         except h11.RemoteProtocolError as exc:
             raise BodyBroken(str(exc)) from exc
 
+    async def receive(self) -> bytes:
+        """Return the next piece of the body; ``b""`` once it is complete.
+
+        Reads in a worker thread, abandoned if the caller is cancelled
+        (:meth:`aclose` then ends it).
+
+        Raises:
+            BodyBroken: As :meth:`read_into`.
+        """
+        return await trio.to_thread.run_sync(self._read_piece, abandon_on_cancel=True)
+
+    def _read_piece(self) -> bytes:
+        piece = bytearray(_BODY_READ)
+        with memoryview(piece) as view:
+            count = self.read_into(view)
+        return bytes(piece[:count])
+
     async def aread(self) -> bytes:
-        pieces: list[bytes | bytearray] = []
+        pieces: list[bytes] = []
         while piece := await self.receive():
             pieces.append(piece)
         return b"".join(pieces)
 
+    def abort(self) -> None:
+        """End the connection now; a thread blocked reading it returns. Any thread."""
+        self._transport.abort()
+
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        self._transport.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-def _buffered_body(connection: h11.Connection) -> bytes:
-    """Body bytes h11 already received along with the head."""
+def _buffered_body(connection: h11.Connection) -> tuple[bytes, bool]:
+    """Body bytes h11 already received along with the head, and whether
+    they are the whole body."""
     pieces = []
-    while True:
-        event = connection.next_event()
-        if isinstance(event, h11.Data):
-            pieces.append(bytes(event.data))
-            continue
-        if isinstance(event, h11.EndOfMessage):
-            break
-        # NEED_DATA: nothing more is buffered.
-        break
-    return b"".join(pieces)
+    while isinstance(event := connection.next_event(), h11.Data):
+        pieces.append(bytes(event.data))
+    return b"".join(pieces), isinstance(event, h11.EndOfMessage)
 
 
 async def raw_get(
@@ -297,23 +351,18 @@ async def raw_get(
     Raises:
         OSError: The connection could not be made (``ssl.SSLError`` for a
             failed handshake, ``TimeoutError`` for one that took too long).
-        trio.TooSlowError: Connecting or reading the head took too long.
+        trio.TooSlowError: Reading the head took too long.
         h11.ProtocolError: The upstream did not answer in HTTP/1.1.
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    transport: _Transport
+    context = None
     if parts.scheme == "https":
         context = ssl_context or ssl.create_default_context()
-        transport = await trio.to_thread.run_sync(
-            _connect_tls, host, port, context, connect_timeout, read_timeout,
-            abandon_on_cancel=True,
-        )  # fmt: skip
-    else:
-        with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(host, port)
-        transport = _LoopSocket(stream, read_timeout)
+    transport = await _connect_in_thread(
+        host, port, context, connect_timeout, read_timeout
+    )
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -322,23 +371,28 @@ async def raw_get(
         target=target or "/",
         headers=[("Host", parts.netloc), ("Connection", "close"), *headers.items()],
     )
+    data = connection.send(request) + connection.send(h11.EndOfMessage())
     try:
-        await transport.send_all(
-            connection.send(request) + connection.send(h11.EndOfMessage())
-        )
         with trio.fail_after(read_timeout):
-            head = await _read_head(transport, connection)
+            head = await trio.to_thread.run_sync(
+                _exchange_head, transport, connection, data, abandon_on_cancel=True
+            )
     except BaseException:
-        await transport.aclose()
+        # Also ends the abandoned thread's read.
+        transport.close()
         raise
     return RawResponse(transport, connection, head, url)
 
 
-async def _read_head(transport: _Transport, connection: h11.Connection) -> h11.Response:
+def _exchange_head(
+    transport: _BlockingSocket, connection: h11.Connection, request: bytes
+) -> h11.Response:
+    """Runs in a worker thread: send the request, read the response head."""
+    transport.send_all(request)
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
-            connection.receive_data(bytes(await transport.read_some()))
+            connection.receive_data(transport.read_some())
         elif isinstance(event, h11.Response):
             return event
         elif not isinstance(event, h11.InformationalResponse):
