@@ -35,7 +35,15 @@ from support.pushclient import Pusher  # noqa: E402
 from support.registry import Registry, free_port  # noqa: E402
 from support.tls import make_tls_files  # noqa: E402
 
-__all__ = ["Blob", "Mirror", "Nginx", "Registry", "Upstream", "free_port"]
+__all__ = [
+    "Blob",
+    "Mirror",
+    "Nginx",
+    "Registry",
+    "Upstream",
+    "free_port",
+    "registry_blob_file",
+]
 
 REPOSITORY = "bench/app"
 TAG = "v1"
@@ -59,6 +67,11 @@ class Blob:
         return f"/v2/{REPOSITORY}/blobs/{self.digest}"
 
 
+def registry_blob_file(storage: Path, hex_digest: str) -> Path:
+    """Where a docker-registry with ``storage`` keeps a blob's bytes."""
+    return storage / _V2 / "blobs/sha256" / hex_digest[:2] / hex_digest / "data"
+
+
 def write_blob(storage: Path, size: int, seed: int) -> Blob:
     """Writes a blob of ``size`` bytes into a registry's storage and repository.
 
@@ -77,7 +90,7 @@ def write_blob(storage: Path, size: int, seed: int) -> Blob:
             hasher.update(chunk)
     hex_digest = hasher.hexdigest()
 
-    data = storage / _V2 / "blobs/sha256" / hex_digest[:2] / hex_digest / "data"
+    data = registry_blob_file(storage, hex_digest)
     data.parent.mkdir(parents=True, exist_ok=True)
     os.rename(temp, data)
     link = storage / _V2 / "repositories" / REPOSITORY / "_layers/sha256" / hex_digest

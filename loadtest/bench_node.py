@@ -40,6 +40,7 @@ from _servers import (
     Registry,
     Upstream,
     drop_blob,
+    registry_blob_file,
     tls_twin,
 )
 
@@ -48,6 +49,8 @@ GIB = 1 << 30
 _RSS_LIMIT = 128 * MIB
 _HUGE_FREE_NEEDED = 25 * GIB
 _MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+# How long a cache may take to hold a whole blob after its first GET.
+_STORE_WAIT = 120.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,11 @@ def cold_single(bench: Bench) -> Mirror:
 
     mirror: Mirror | None = None
     cpu: dict[str, list[float]] = {"mirror": [], "upstream": [], "client": []}
+    # Seconds from the GET until each cache holds the whole blob, and the
+    # proxy registry's upstream GETs: it streams its client one GET and
+    # stores the blob from a second one in the background.
+    stored: dict[str, list[float]] = {"mirror": [], "proxy": []}
+    proxy_gets: list[int] = []
 
     def through_mirror() -> float:
         nonlocal mirror
@@ -225,7 +233,10 @@ def cold_single(bench: Bench) -> Mirror:
         mirror = bench.new_mirror()
         pids = {"mirror": mirror.pid, "upstream": bench.upstream.registry.pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        start = time.monotonic()
         result = read(mirror.port, blob.api_path, blob.size)
+        blob_file = mirror.workdir / "data/blobs/sha256" / blob.hex[:2] / blob.hex
+        stored["mirror"].append(seconds_until_stored(blob_file, blob.size, start))
         for name, pid in pids.items():
             cpu[name].append((cpu_seconds(pid) - before[name]) / (blob.size / GIB))
         cpu["client"].append(result.cpu / (blob.size / GIB))
@@ -235,8 +246,15 @@ def cold_single(bench: Bench) -> Mirror:
     def through_proxy() -> float:
         bench.warm_upstream(blob)
         proxy = bench.new_proxy()
+        since = len(bench.upstream.registry.access_log())
         try:
-            return read(proxy.port, blob.api_path, blob.size).throughput
+            start = time.monotonic()
+            rate = read(proxy.port, blob.api_path, blob.size).throughput
+            blob_file = registry_blob_file(proxy.storage, blob.hex)
+            elapsed = seconds_until_stored(blob_file, blob.size, start)
+            stored["proxy"].append(elapsed)
+            proxy_gets.append(upstream_blob_gets(bench, blob, since)[0])
+            return rate
         finally:
             bench.retire_proxy(proxy)
 
@@ -251,13 +269,16 @@ def cold_single(bench: Bench) -> Mirror:
     # Every byte costs the upstream, the mirror and the client CPU time on
     # the same cores: their sum per GiB bounds the rate this machine allows.
     per_gib = {name: median(values) for name, values in cpu.items()}
+    stored_s = {name: median(values) for name, values in stored.items()}
     cores = os.cpu_count() or 1
     ceiling = cores / sum(per_gib.values()) * GIB if sum(per_gib.values()) else 0.0
     bench.rows.append(
         Row(
             f"1 client, {blob.size // MIB} MiB blob not cached",
             mib_s(mirror_rate),
-            f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)}; "
+            f"upstream {mib_s(upstream_rate)}; proxy registry {mib_s(proxy_rate)} "
+            f"to its client, blob stored after {stored_s['proxy']:.1f} s (mirror "
+            f"{stored_s['mirror']:.1f} s), {max(proxy_gets)} upstream GETs; "
             f"upstream into a new file {mib_s(file_rate)}; CPU s/GiB through the "
             f"mirror: mirror {per_gib['mirror']:.2f}, upstream "
             f"{per_gib['upstream']:.2f}, client {per_gib['client']:.2f}, so at most "
@@ -273,12 +294,27 @@ def cold_single(bench: Bench) -> Mirror:
                 "new_file": file_rate,
                 "new_file_ratio": ratio(mirror_rate, file_rate),
                 "cpu_seconds_per_gib": per_gib,
+                "stored_after_seconds": stored_s,
+                "proxy_upstream_gets": proxy_gets,
                 "cpu_ceiling": ceiling,
             },  # fmt: skip
         )
     )
     assert mirror is not None
     return mirror
+
+
+def seconds_until_stored(path: Path, size: int, start: float) -> float:
+    """Seconds from ``start`` until ``path`` holds ``size`` bytes (polled)."""
+    deadline = time.monotonic() + _STORE_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if path.stat().st_size == size:
+                return time.monotonic() - start
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} did not reach {size} bytes in {_STORE_WAIT} s")
 
 
 def cold_single_tls(bench: Bench) -> None:
