@@ -29,11 +29,13 @@ through :func:`raw_get` and everything else through httpx.
 from __future__ import annotations
 
 import contextlib
+import functools
 import select
 import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import h11
@@ -168,14 +170,8 @@ def _connect(
     return _BlockingSocket(raw)
 
 
-async def _connect_in_thread(
-    host: str,
-    port: int,
-    context: ssl.SSLContext | None,
-    connect_timeout: float,
-    read_timeout: float,
-) -> _BlockingSocket:
-    """:func:`_connect` in a worker thread, left behind if the caller is cancelled.
+async def _connect_in_thread(connect: Callable[[], _BlockingSocket]) -> _BlockingSocket:
+    """Run ``connect`` in a worker thread, left behind if the caller is cancelled.
 
     The thread then closes the socket it made itself, so a cancelled
     connect leaks nothing.
@@ -195,9 +191,6 @@ async def _connect_in_thread(
                 return
         if isinstance(connected, outcome.Value):
             connected.value.close()
-
-    def connect() -> _BlockingSocket:
-        return _connect(host, port, context, connect_timeout, read_timeout)
 
     trio.lowlevel.start_thread_soon(connect, deliver, name="upstream-connect")
     try:
@@ -361,7 +354,7 @@ async def raw_get(
     if parts.scheme == "https":
         context = ssl_context or ssl.create_default_context()
     transport = await _connect_in_thread(
-        host, port, context, connect_timeout, read_timeout
+        functools.partial(_connect, host, port, context, connect_timeout, read_timeout)
     )
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)

@@ -1,0 +1,112 @@
+"""The raw blob GET on its own: framed bodies, and a connect given up midway.
+
+Small servers of the test's own on 127.0.0.1 play the upstream, so each
+can misbehave in exactly one way.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from support.tls import make_tls_files
+from tcr_mirror.proxy._rawget import BodyBroken, raw_get
+
+TIMEOUTS = {"connect_timeout": 5.0, "read_timeout": 5.0}
+
+
+@contextmanager
+def one_answer(answer: bytes) -> Iterator[str]:
+    """A plain server that reads one request and sends ``answer`` raw."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v2/app/blobs/x"
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
+def chunked(*chunks: bytes) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + body + b"0\r\n\r\n"
+
+
+async def test_a_chunked_body_larger_than_a_read_is_read_whole() -> None:
+    big = bytes(range(256)) * 12288  # 3 MiB in one chunk: more than one read
+    with one_answer(chunked(b"abc", big, b"xyz")) as url:
+        response = await raw_get(url, {}, **TIMEOUTS)
+        try:
+            assert await response.aread() == b"abc" + big + b"xyz"
+        finally:
+            await response.aclose()
+
+
+async def test_a_chunked_body_that_came_with_the_head_ends() -> None:
+    with one_answer(chunked(b"small")) as url:
+        response = await raw_get(url, {}, **TIMEOUTS)
+        try:
+            assert await response.aread() == b"small"
+        finally:
+            await response.aclose()
+
+
+async def test_a_chunked_body_cut_off_is_broken() -> None:
+    answer = chunked(b"abc", b"defg")[: -len(b"0\r\n\r\n") - 3]
+    with one_answer(answer) as url:
+        response = await raw_get(url, {}, **TIMEOUTS)
+        try:
+            with pytest.raises(BodyBroken):
+                await response.aread()
+        finally:
+            await response.aclose()
+
+
+async def test_a_connect_given_up_midway_closes_its_socket(tmp_path: Path) -> None:
+    # The server finishes the TLS handshake only after the client gave up,
+    # so the worker thread ends with a connected socket nobody waits for.
+    # It must close it: the server then reads the end of the stream (and a
+    # socket left to the garbage collector would fail this test with a
+    # ResourceWarning).
+    files = make_tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.certificate, files.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        time.sleep(0.5)
+        with context.wrap_socket(connection, server_side=True) as tls:
+            tls.settimeout(10)
+            seen.append(tls.recv(1))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client_context = ssl.create_default_context(cafile=str(files.ca))
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/v2/app/blobs/x"
+    with trio.move_on_after(0.1) as gave_up:
+        await raw_get(url, {}, ssl_context=client_context, **TIMEOUTS)
+    assert gave_up.cancelled_caught
+    await trio.to_thread.run_sync(thread.join, 10)
+    listener.close()
+    assert seen == [b""], "the abandoned connection was left open"
