@@ -14,6 +14,7 @@ stalled or blocked.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import itertools
 import time
@@ -66,7 +67,8 @@ def proxy(
 
 
 # The faults that meet the blob reader's two transports differently run over
-# both: plain HTTP is read on the event loop, HTTPS in worker threads.
+# both: both are read in a worker thread, but ssl handles timeouts, cut
+# records and shutdowns its own way.
 both_schemes = pytest.mark.parametrize("proxy", ["http", "https"], indirect=True)
 
 
@@ -81,6 +83,7 @@ def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
         direct_url: str | None = None,
         credentials: tuple[str, str] | None = None,
         ca_file: Path | None = None,
+        read_timeout: float = READ_TIMEOUT,
     ) -> NodeProcess:
         args = ["--tag-ttl", "0", "--upstream", default_url]
         if ca_file is not None:
@@ -91,7 +94,7 @@ def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
             secret = tmp_path / f"upstream{next(files)}.credentials"
             secret.write_text(":".join(credentials) + "\n")
             args += ["--credentials-file", str(secret)]
-        config = f"read_timeout = {READ_TIMEOUT}\nconnect_timeout = 2.0\n"
+        config = f"read_timeout = {read_timeout}\nconnect_timeout = 2.0\n"
         return node_factory(*args, config=config)
 
     return start
@@ -299,6 +302,46 @@ def test_stalled_upstream_ends_in_an_error_while_others_are_served(
         assert (pulled.status, pulled.error_code()) == (503, "UNAVAILABLE")
     assert stored_files(node) == []
     assert_serves(node, proxy, image)
+
+
+@both_schemes
+def test_a_node_stopped_while_its_upstream_stalls_stops_cleanly(
+    node_factory: NodeFactory, proxy: FaultProxy, image: PushedImage
+) -> None:
+    # The fetch's worker thread is blocked reading the stalled upstream,
+    # with a read timeout far longer than the stop may take: stopping must
+    # end that read rather than wait it out.
+    ca_file = proxy.tls.ca if proxy.tls is not None else None
+    node = node_factory(proxy.url, ca_file=ca_file, read_timeout=300.0)
+    digest, data = layer(image)
+    proxy.add_fault(Fault(FaultKind.STALL_BODY, after=MIB // 4, seconds=300))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stalled = pool.submit(pull, blob_url(node, digest))
+        wait_for_request(proxy, "GET", blob_path(digest))
+        wait_until_written(node, data[: MIB // 4])
+        assert node.stop(timeout=30) == 0
+        pulled = stalled.result(timeout=CLIENT_TIMEOUT)
+
+    assert_no_complete_body(pulled, len(data))
+    assert stored_files(node) == []
+    assert "Traceback" not in node.log_text()
+
+
+def wait_until_written(node: NodeProcess, prefix: bytes) -> None:
+    """Wait until a temporary file of the node starts with ``prefix``.
+
+    The fetch claims the blob's whole size up front, so the file's bytes,
+    not its length, tell how far it got.
+    """
+    deadline = time.monotonic() + 20
+    while True:
+        for path in (node.data_dir / "tmp").glob("*"):
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
+                if file.read(len(prefix)) == prefix:
+                    return
+        assert time.monotonic() < deadline, "the fetch never wrote the first bytes"
+        time.sleep(0.02)
 
 
 # Error answers.
