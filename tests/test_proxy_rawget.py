@@ -6,6 +6,8 @@ can misbehave in exactly one way.
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import ssl
 import threading
@@ -24,8 +26,11 @@ TIMEOUTS = {"connect_timeout": 5.0, "read_timeout": 5.0}
 
 
 @contextmanager
-def one_answer(answer: bytes) -> Iterator[str]:
-    """A plain server that reads one request and sends ``answer`` raw."""
+def one_answer(*parts: bytes) -> Iterator[str]:
+    """A plain server that reads one request and sends ``parts`` raw.
+
+    It pauses a moment between parts, so a reader sees them apart.
+    """
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -34,7 +39,10 @@ def one_answer(answer: bytes) -> Iterator[str]:
             request = b""
             while b"\r\n\r\n" not in request:
                 request += connection.recv(65536)
-            connection.sendall(answer)
+            for index, part in enumerate(parts):
+                if index:
+                    time.sleep(0.1)
+                connection.sendall(part)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -110,3 +118,26 @@ async def test_a_connect_given_up_midway_closes_its_socket(tmp_path: Path) -> No
     await trio.to_thread.run_sync(thread.join, 10)
     listener.close()
     assert seen == [b""], "the abandoned connection was left open"
+
+
+async def test_a_body_is_read_on_a_descriptor_past_select_s_limit() -> None:
+    # A busy node holds more than 1024 descriptors; select() cannot wait on
+    # one past that, and the reader waits whenever a piece arrives short.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"cannot open 2048 descriptors (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        first, second = b"a" * 100_000, b"b" * 100_000
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n"
+        with one_answer(head + first, second) as url:
+            response = await raw_get(url, {}, **TIMEOUTS)
+            try:
+                assert await response.aread() == first + second
+            finally:
+                await response.aclose()
+    finally:
+        for filler in fillers:
+            os.close(filler)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

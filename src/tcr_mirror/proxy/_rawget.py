@@ -129,8 +129,10 @@ class _BlockingSocket:
             return None
 
     def _readable(self, wait: float) -> bool:
-        readable, _, _ = select.select([self._sock], [], [], wait)
-        return bool(readable)
+        # poll, not select: a busy node's descriptors go past select's 1024.
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(wait * 1000))
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):  # the other end closed it already
