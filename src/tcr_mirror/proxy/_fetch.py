@@ -257,9 +257,16 @@ async def _allocate(fd: int, size: int) -> None:
     CPU per GiB, 401 to 464 MiB/s). The file's length says nothing about
     how much of it was written; clients go by ``BlobFetch.written``.
     """
-    if size:
+    if not size:
+        return
+    try:
         # Waits for the thread if cancelled: the caller closes ``fd`` next.
         await trio.to_thread.run_sync(os.posix_fallocate, fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A filesystem that cannot allocate ahead still takes the writes.
+        logger.debug("blob_space_not_claimed", extra={"reason": exc.strerror})
 
 
 def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
@@ -353,9 +360,14 @@ class _Pump:
                     self._position += written
                     piece = piece[written:]
                 for advised in write_behind.advance(self._position).ranges():
-                    os.posix_fadvise(
-                        self._fd, advised.start, len(advised), os.POSIX_FADV_DONTNEED
-                    )
+                    # Advice only: a filesystem that refuses it loses nothing.
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(
+                            self._fd,
+                            advised.start,
+                            len(advised),
+                            os.POSIX_FADV_DONTNEED,
+                        )
                 if not self._report_due:
                     self._report_due = True
                     self._call_soon(self._report)
