@@ -216,18 +216,11 @@ def hex_of(digest: str) -> str:
 
 
 def stalled_at_the_stall(node: NodeProcess, held: dict[str, bytes]) -> int:
-    """How many temporary files hold their blob's bytes up to the stall.
-
-    A fetch claims its whole blob's size up front, so a file's length
-    tells nothing; its bytes do.
-    """
-    count = 0
-    for path in (node.data_dir / "tmp").glob("*"):
-        blob = held.get(path.name.split(".", 1)[0])
-        with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
-            if blob is not None and file.read(STALL_AFTER) == blob[:STALL_AFTER]:
-                count += 1
-    return count
+    """How many temporary files hold their blob's bytes up to the stall."""
+    heads = node.temp_file_heads(STALL_AFTER)
+    return sum(
+        1 for hex_, blob in held.items() if heads.get(hex_) == blob[:STALL_AFTER]
+    )
 
 
 # Kills while blobs are fetched.

@@ -14,7 +14,6 @@ stalled or blocked.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import itertools
 import time
@@ -329,17 +328,9 @@ def test_a_node_stopped_while_its_upstream_stalls_stops_cleanly(
 
 
 def wait_until_written(node: NodeProcess, prefix: bytes) -> None:
-    """Wait until a temporary file of the node starts with ``prefix``.
-
-    The fetch claims the blob's whole size up front, so the file's bytes,
-    not its length, tell how far it got.
-    """
+    """Wait until a temporary file of the node starts with ``prefix``."""
     deadline = time.monotonic() + 20
-    while True:
-        for path in (node.data_dir / "tmp").glob("*"):
-            with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
-                if file.read(len(prefix)) == prefix:
-                    return
+    while prefix not in node.temp_file_heads(len(prefix)).values():
         assert time.monotonic() < deadline, "the fetch never wrote the first bytes"
         time.sleep(0.02)
 

@@ -7,6 +7,7 @@ read (and search for secrets).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -86,6 +87,19 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def temp_file_heads(self, length: int) -> dict[str, bytes]:
+        """The first ``length`` bytes of each temporary file, by blob hex.
+
+        A fetch claims its blob's whole size up front, so a temporary
+        file's length tells nothing of how far the fetch got; its bytes do.
+        """
+        heads = {}
+        for path in (self.data_dir / "tmp").glob("*"):
+            # A file renamed into the store or removed meanwhile is left out.
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
+                heads[path.name.split(".", 1)[0]] = file.read(length)
+        return heads
 
     def log_text(self) -> str:
         return (
