@@ -319,7 +319,7 @@ class Upstream:
             )
         except (trio.TooSlowError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+        except (OSError, h11.ProtocolError) as exc:
             raise UpstreamUnavailable(
                 f"upstream {self.key} unreachable: {type(exc).__name__}"
             ) from exc
