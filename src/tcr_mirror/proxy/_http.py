@@ -12,8 +12,11 @@ than its declared length.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -25,7 +28,7 @@ from tcr_mirror.proxy._errors import RegistryError
 from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
 from tcr_mirror.proxy._sendfile import send_stored, sendfile_on_loop
 
-__all__ = ["FileBody", "HttpServer", "Request", "Response"]
+__all__ = ["FileBody", "HttpServer", "Request", "Response", "same_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class HttpServer:
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # The send buffer is left to the kernel's autotuning, as nginx does:
         # a fixed 4 MiB one measured no faster for one client or for 32.
+        _unpace_if_same_host(stream.socket)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         try:
             async with stream:
@@ -189,6 +193,53 @@ def _reason(status: int) -> bytes:
 def error_response(exc: RegistryError) -> Response:
     headers = [("Content-Type", "application/json"), *exc.headers]
     return Response(exc.status, headers, exc.body())
+
+
+def same_host(peer: str, local: str) -> bool:
+    """Whether a connection from ``peer`` to ``local`` stays on this host.
+
+    True for loopback addresses (also IPv4 ones mapped into IPv6) and for a
+    host connecting to its own address, as containerd does when it reaches
+    the mirror by the node's IP: the kernel routes both through loopback.
+    """
+    try:
+        peer_address = _unmapped(ipaddress.ip_address(peer.partition("%")[0]))
+        local_address = _unmapped(ipaddress.ip_address(local.partition("%")[0]))
+    except ValueError:
+        return False
+    return peer_address.is_loopback or peer_address == local_address
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+# A congestion control that never paces. Every Linux kernel has reno, and an
+# unprivileged process may always pick it.
+_UNPACED = b"reno"
+
+
+def _unpace_if_same_host(sock: trio.socket.SocketType) -> None:
+    """Turns off pacing on a connection that never leaves this host.
+
+    Where the host's default congestion control is BBR, as on many cloud
+    images, the kernel paces every send with timers; over loopback that
+    only costs CPU. With reno, serving a blob being fetched took 0.5 s less
+    CPU per GiB in ``loadtest/bench_node.py`` (2.68 -> 2.12). Connections
+    from other hosts keep the host's choice.
+    """
+    try:
+        peer, local = sock.getpeername()[0], sock.getsockname()[0]
+    except OSError:
+        return
+    if same_host(peer, local):
+        # Best effort: a kernel without TCP_CONGESTION keeps its default.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, _UNPACED)
 
 
 async def _next_event_within(
