@@ -708,6 +708,20 @@ def load_average() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
+def congestion_control() -> str:
+    # nginx, the registries and the clients use the host's default; the
+    # mirror uses reno on connections from this host. With a pacing default
+    # (bbr), that alone puts the mirror's cached reads above nginx's.
+    try:
+        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text()
+    except OSError:
+        default = "unknown"
+    return (
+        f"TCP congestion control: {default.strip()} (host default; the mirror "
+        "uses reno for clients on this host)"
+    )
+
+
 def missing_tools() -> list[str]:
     tools = ["/usr/bin/docker-registry", "/usr/sbin/nginx", "wrk", "curl"]
     return [tool for tool in tools if shutil.which(tool) is None]
@@ -723,6 +737,7 @@ def main(argv: list[str]) -> int:
     started = datetime.datetime.now(datetime.UTC)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"date: {started.isoformat(timespec='seconds')}; {load_average()}")
+    print(congestion_control())
     missing = missing_tools()
     if missing:
         print(f"missing tools: {', '.join(missing)} (apt-get install -y wrk nginx "
@@ -751,6 +766,7 @@ def main(argv: list[str]) -> int:
             "mode": "quick" if args.quick else "full",
             "sizes": asdict(sizes),
             "seconds": elapsed.total_seconds(),
+            "congestion_control": congestion_control(),
             "error": None if failed is None else f"{type(failed).__name__}: {failed}",
             "rows": [asdict(row) for row in bench.rows],
         }
