@@ -49,6 +49,8 @@ GIB = 1 << 30
 _RSS_LIMIT = 128 * MIB
 _HUGE_FREE_NEEDED = 25 * GIB
 _MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+# Set in the benchmark's own network namespace (--congestion-control).
+_NETNS_ENV = "TCR_BENCH_NETNS"
 # How long a cache may take to hold a whole blob after its first GET.
 _STORE_WAIT = 120.0
 
@@ -699,6 +701,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, help="parent of the temporary directory (/tmp)"
     )
+    parser.add_argument(
+        "--congestion-control",
+        metavar="NAME",
+        help="run in a network namespace of its own whose TCP default is NAME "
+        "(reno): nginx and the registries then use what the mirror uses",
+    )
     return parser.parse_args(argv)
 
 
@@ -708,18 +716,50 @@ def load_average() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-def congestion_control() -> str:
-    # nginx, the registries and the clients use the host's default; the
-    # mirror uses reno on connections from this host. With a pacing default
-    # (bbr), that alone puts the mirror's cached reads above nginx's.
+def _sysctl(name: str) -> str:
     try:
-        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text()
+        return Path("/proc/sys/net/ipv4", name).read_text().strip()
     except OSError:
-        default = "unknown"
+        return "unknown"
+
+
+def congestion_control() -> str:
+    # nginx, the registries and the clients use the default of the network
+    # namespace; the mirror uses reno on connections from this host. With a
+    # pacing default (bbr), that alone puts the mirror's cached reads above
+    # nginx's, hence --congestion-control to compare like with like.
+    default = _sysctl("tcp_congestion_control")
+    if os.environ.get(_NETNS_ENV):
+        return (
+            f"TCP congestion control: {default} (the benchmark's own network "
+            "namespace; every server and client uses it)"
+        )
     return (
-        f"TCP congestion control: {default.strip()} (host default; the mirror "
-        "uses reno for clients on this host)"
+        f"TCP congestion control: {default} (host default; the mirror uses "
+        "reno for clients on this host)"
     )
+
+
+def exec_in_own_netns(name: str) -> str | None:
+    """Re-runs this benchmark in a new network namespace whose TCP default
+    is ``name``; returns an error message if it cannot."""
+    if name not in _sysctl("tcp_available_congestion_control").split():
+        return f"--congestion-control: {name!r} is not available on this host"
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"--congestion-control needs {tool} (Debian: util-linux, iproute2)"
+    # Only loopback exists in the new namespace, which is all the benchmark
+    # uses. Root needs no user namespace; anyone else maps themselves to root
+    # in one, which may set the default of a namespace it owns.
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    script = (
+        'ip link set lo up && { echo "$1" > /proc/sys/net/ipv4/tcp_congestion_control'
+        ' ; } 2>/dev/null || { echo "--congestion-control: cannot make $1 the default'
+        ' of a new network namespace" >&2; exit 2; }; shift; exec "$@"'
+    )
+    command = ["unshare", "--net", *user, "--", "sh", "-c", script, "sh", name]
+    command += [sys.executable, *sys.argv]
+    os.execvpe("unshare", command, {**os.environ, _NETNS_ENV: name})
 
 
 def missing_tools() -> list[str]:
@@ -733,6 +773,9 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.congestion_control and not os.environ.get(_NETNS_ENV):
+        print(exec_in_own_netns(args.congestion_control), file=sys.stderr)
+        return 2
     sizes = QUICK if args.quick else FULL
     started = datetime.datetime.now(datetime.UTC)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
