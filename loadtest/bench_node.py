@@ -740,9 +740,9 @@ def congestion_control() -> str:
     )
 
 
-def exec_in_own_netns(name: str) -> str | None:
+def exec_in_own_netns(name: str) -> str:
     """Re-runs this benchmark in a new network namespace whose TCP default
-    is ``name``; returns an error message if it cannot."""
+    is ``name``; returns only if it cannot, with the reason."""
     if name not in _sysctl("tcp_available_congestion_control").split():
         return f"--congestion-control: {name!r} is not available on this host"
     for tool in ("unshare", "ip"):
@@ -759,7 +759,10 @@ def exec_in_own_netns(name: str) -> str | None:
     )
     command = ["unshare", "--net", *user, "--", "sh", "-c", script, "sh", name]
     command += [sys.executable, *sys.argv]
-    os.execvpe("unshare", command, {**os.environ, _NETNS_ENV: name})
+    try:
+        os.execvpe("unshare", command, {**os.environ, _NETNS_ENV: name})
+    except OSError as exc:
+        return f"--congestion-control: cannot run unshare: {exc.strerror}"
 
 
 def missing_tools() -> list[str]:
