@@ -516,11 +516,11 @@ def test_empty_blob(registry: Registry, node: NodeProcess) -> None:
         assert client.head(f"/v2/app/blobs/{digest}").status_code == 200
 
 
-def test_a_proxy_in_the_environment_is_not_used_for_the_upstream(
+def test_a_proxy_in_the_environment_is_not_used_for_a_loopback_upstream(
     registry: Registry, node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Blob bodies are read over raw sockets that know no HTTP proxy, so
-    # manifests must not go through one either: both go straight upstream.
+    # As in Go programs, the environment's proxies never apply to this
+    # host: neither manifests nor blob bodies try the dead proxy.
     image = push_image(registry, "team/app", "v1", layer_sizes=(2048,))
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, never listening: connections fail

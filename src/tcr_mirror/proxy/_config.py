@@ -10,6 +10,8 @@ Example ``node.toml``::
     store_high_watermark = 0.90   # start evicting at this share of the budget
     store_low_watermark = 0.80    # ...and stop at this one
     ca_file = "/etc/tcr-mirror/ca.pem"  # also trust these CAs for HTTPS
+    proxy = "http://user:password@proxy.internal:3128"  # reach upstreams so
+    no_proxy = ["internal.example", "10.0.0.0/8"]      # ...but not these
 
     [[upstreams]]
     url = "https://example.tencentcloudcr.com"
@@ -24,24 +26,35 @@ An upstream's ``namespace`` is the ``ns`` value containerd sends for it (the
 registry host it was asked to pull from); it defaults to the URL's
 ``host[:port]``. A credentials file holds ``username:password`` on its first
 line, so that secrets never appear in a process listing.
+
+Without ``proxy``, the environment's ``HTTPS_PROXY``, ``HTTP_PROXY`` and
+``NO_PROXY`` apply, read as Go programs read them (see ``_httpproxy``).
 """
 
 from __future__ import annotations
 
 import ssl
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from tcr_mirror.proxy._auth import Credentials
+from tcr_mirror.proxy._httpproxy import (
+    HttpProxy,
+    ProxyPolicy,
+    parse_no_proxy,
+    parse_proxy_url,
+)
 
 __all__ = [
     "ConfigError",
     "NodeConfig",
     "UpstreamConfig",
     "parse_host_port",
+    "parse_proxy",
     "parse_size",
     "tls_context",
 ]
@@ -76,6 +89,21 @@ class NodeConfig:
     node_secret: str | None = field(default=None, repr=False)
     credentials_refresh: float = 30.0
     ca_file: Path | None = None
+    proxy: HttpProxy | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    def proxy_policy(self, environ: Mapping[str, str]) -> ProxyPolicy:
+        """Which HTTP proxy each upstream URL goes through.
+
+        Raises:
+            ConfigError: The environment names a proxy that is no URL.
+        """
+        if self.proxy is not None:
+            return ProxyPolicy.configured(self.proxy, self.no_proxy)
+        try:
+            return ProxyPolicy.from_environment(environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -113,6 +141,10 @@ class NodeConfig:
                 changes[key] = parse_size(value)
             elif key in ("store_high_watermark", "store_low_watermark"):
                 changes[key] = _fraction(key, value)
+            elif key == "proxy":
+                changes[key] = parse_proxy(_str(key, value))
+            elif key == "no_proxy":
+                changes[key] = _no_proxy(value)
             else:
                 raise ConfigError(f"unknown config key {key!r}")
         return replace(self, **changes).validated()
@@ -125,6 +157,8 @@ class NodeConfig:
             raise ConfigError("more than one default upstream")
         if any(up.credentials_url for up in self.upstreams) and not self.node_secret:
             raise ConfigError("credentials_url needs a node secret (node_secret_file)")
+        if self.no_proxy and self.proxy is None:
+            raise ConfigError("no_proxy needs proxy (or use NO_PROXY with HTTPS_PROXY)")
         names = [up.namespace for up in self.upstreams]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
@@ -189,6 +223,14 @@ def make_upstream(
         raise ConfigError("put upstream credentials in a credentials file, not the URL")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
+
+
+def parse_proxy(text: str) -> HttpProxy:
+    """Parse an HTTP proxy URL (``proxy``, ``--proxy``)."""
+    try:
+        return parse_proxy_url(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -283,6 +325,14 @@ def _str(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} must be a non-empty string")
     return value
+
+
+def _no_proxy(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return parse_no_proxy(value)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return parse_no_proxy(value)
+    raise ConfigError("no_proxy must be a list of hosts, domains or networks")
 
 
 def _fraction(key: str, value: Any) -> float:

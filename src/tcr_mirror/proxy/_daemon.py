@@ -8,6 +8,7 @@ server. SIGTERM or SIGINT cancels it; the store is closed on the way out.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from urllib.parse import urlsplit
 
@@ -36,9 +37,20 @@ logger = logging.getLogger(__name__)
 
 def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
     timeouts = UpstreamTimeouts(config.connect_timeout, config.read_timeout)
+    proxies = config.proxy_policy(os.environ)
     upstreams = []
     default = None
     for up in config.upstreams:
+        proxy = proxies.for_url(up.url)
+        if proxy is not None:
+            logger.info(
+                "upstream_proxy",
+                extra={
+                    "upstream": up.namespace,
+                    "proxy": proxy.address,
+                    "source": proxies.source,
+                },
+            )
         upstream = Upstream(
             up.namespace,
             up.url,
@@ -47,6 +59,7 @@ def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
             user_agent=f"tcr-mirror/{__version__}",
             metrics=metrics,
             ca_file=config.ca_file,
+            proxies=proxies,
         )
         upstreams.append(upstream)
         if up.default:

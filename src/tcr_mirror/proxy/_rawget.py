@@ -43,6 +43,8 @@ import httpx
 import outcome
 import trio
 
+from tcr_mirror.proxy._httpproxy import HttpProxy, TunnelOpening
+
 __all__ = ["BodyBroken", "RawResponse", "raw_get"]
 
 _HEAD_READ = 64 * 1024
@@ -150,10 +152,15 @@ def _connect(
     context: ssl.SSLContext | None,
     connect_timeout: float,
     read_timeout: float,
+    proxy: HttpProxy | None = None,
 ) -> _BlockingSocket:
-    """Runs in a worker thread: connect (and finish the TLS handshake)."""
-    raw = socket.create_connection((host, port), timeout=connect_timeout)
+    """Runs in a worker thread: connect (through the proxy's tunnel for
+    HTTPS) and finish the TLS handshake."""
+    address = (host, port) if proxy is None else (proxy.host, proxy.port)
+    raw = socket.create_connection(address, timeout=connect_timeout)
     try:
+        if proxy is not None and context is not None:
+            _open_tunnel(raw, TunnelOpening(proxy, host, port))
         if context is not None:
             # ssl retries a read the kernel timed out for ever, so TLS keeps
             # Python's timeout; its poll per read weighs little next to the
@@ -170,6 +177,17 @@ def _connect(
         raw.close()
         raise
     return _BlockingSocket(raw)
+
+
+def _open_tunnel(sock: socket.socket, opening: TunnelOpening) -> None:
+    """Runs in a worker thread: ``CONNECT`` through the proxy on ``sock``.
+
+    Reading in pieces takes nothing of the target's: a TLS server says
+    nothing before the client's hello, which is sent only after this.
+    """
+    sock.sendall(opening.request())
+    while not opening.receive(sock.recv(_HEAD_READ)):
+        pass
 
 
 async def _connect_in_thread(connect: Callable[[], _BlockingSocket]) -> _BlockingSocket:
@@ -340,8 +358,12 @@ async def raw_get(
     connect_timeout: float,
     read_timeout: float,
     ssl_context: ssl.SSLContext | None = None,
+    proxy: HttpProxy | None = None,
 ) -> RawResponse:
     """Send ``GET url`` on a new connection and read the response head.
+
+    With ``proxy``, an ``https`` URL is fetched through a ``CONNECT``
+    tunnel, an ``http`` one by sending the proxy the absolute URL.
 
     Raises:
         OSError: The connection could not be made (``ssl.SSLError`` for a
@@ -356,16 +378,19 @@ async def raw_get(
     if parts.scheme == "https":
         context = ssl_context or ssl.create_default_context()
     transport = await _connect_in_thread(
-        functools.partial(_connect, host, port, context, connect_timeout, read_timeout)
+        functools.partial(
+            _connect, host, port, context, connect_timeout, read_timeout, proxy
+        )
     )
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = h11.Request(
-        method="GET",
-        target=target or "/",
-        headers=[("Host", parts.netloc), ("Connection", "close"), *headers.items()],
-    )
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    fields = [("Host", parts.netloc), ("Connection", "close"), *headers.items()]
+    if proxy is not None and context is None:
+        # Plain HTTP through a proxy: the proxy is told where to go.
+        target = f"{parts.scheme}://{parts.netloc}{target}"
+        fields += proxy.headers()
+    request = h11.Request(method="GET", target=target, headers=fields)
     data = connection.send(request) + connection.send(h11.EndOfMessage())
     try:
         with trio.fail_after(read_timeout):

@@ -42,6 +42,7 @@ from tcr_mirror.proxy._errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from tcr_mirror.proxy._httpproxy import HttpProxy, ProxyPolicy, ProxyRefused
 from tcr_mirror.proxy._metrics import MirrorMetrics
 from tcr_mirror.proxy._rawget import RawResponse, raw_get
 
@@ -106,6 +107,7 @@ class Upstream:
         http2: Offer HTTP/2 on TLS connections.
         metrics: Where to count requests and their latency.
         ca_file: CA certificates to trust on HTTPS besides the system's.
+        proxies: Which HTTP proxy each URL goes through; None for none.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Upstream:
         http2: bool = True,
         metrics: MirrorMetrics | None = None,
         ca_file: Path | None = None,
+        proxies: ProxyPolicy | None = None,
     ) -> None:
         self.key = key
         # Two contexts: httpx offers HTTP/2 through ALPN on the context it is
@@ -132,20 +135,13 @@ class Upstream:
         self._credentials = credentials
         self._timeouts = timeouts or UpstreamTimeouts()
         self._user_agent = user_agent
-        self._client = httpx.AsyncClient(
-            timeout=self._timeouts.as_httpx(),
-            follow_redirects=False,
-            http2=http2,
-            headers={"User-Agent": user_agent},
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            verify=self._tls,
-            # Blob bodies go over raw sockets that know no HTTP proxy, so the
-            # rest must not take one either: an HTTP(S)_PROXY in the node's
-            # environment would send manifests one way and blobs another.
-            # TODO: support upstreams reachable only through an HTTP proxy
-            # (a CONNECT tunnel in _rawget, and httpx's proxy for the rest).
-            trust_env=False,
-        )
+        self._http2 = http2
+        self._proxies = proxies or ProxyPolicy()
+        # One client per proxy (None: direct), made when a URL first needs
+        # it. httpx never reads the environment itself: the policy decides
+        # for every request, blob bodies included, so manifests and blobs
+        # always take the same path.
+        self._clients: dict[HttpProxy | None, httpx.AsyncClient] = {}
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
         self._blocked_until = 0.0
@@ -153,8 +149,31 @@ class Upstream:
     def __repr__(self) -> str:
         return f"Upstream(key={self.key!r}, base_url={self.base_url!r})"
 
+    def proxy_for(self, url: str) -> HttpProxy | None:
+        """The HTTP proxy requests to ``url`` go through, if any."""
+        return self._proxies.for_url(url)
+
+    def _client_for(self, url: str) -> httpx.AsyncClient:
+        proxy = self.proxy_for(url)
+        client = self._clients.get(proxy)
+        if client is None:
+            client = self._clients[proxy] = httpx.AsyncClient(
+                timeout=self._timeouts.as_httpx(),
+                follow_redirects=False,
+                http2=self._http2,
+                headers={"User-Agent": self._user_agent},
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                verify=self._tls,
+                trust_env=False,
+                proxy=None
+                if proxy is None
+                else httpx.Proxy(proxy.url, headers=proxy.headers()),
+            )
+        return client
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
         closer = getattr(self._credentials, "aclose", None)
         if closer is not None:
             await closer()
@@ -295,13 +314,19 @@ class Upstream:
         headers: dict[str, str],
         params: Mapping[str, str] | None,
     ) -> httpx.Response:
-        request = self._client.build_request(
-            method, url, headers=headers, params=params
-        )
+        client = self._client_for(url)
+        request = client.build_request(method, url, headers=headers, params=params)
         try:
-            return await self._client.send(request, stream=True)
+            return await client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
+        except httpx.ProxyError as exc:
+            # httpx says what the proxy answered: a status, never credentials.
+            proxy = self.proxy_for(url)
+            where = proxy.address if proxy is not None else "?"
+            raise UpstreamUnavailable(
+                f"upstream {self.key}: proxy {where} refused: {exc}"
+            ) from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(
                 f"upstream {self.key} unreachable: {type(exc).__name__}"
@@ -316,9 +341,12 @@ class Upstream:
                 connect_timeout=self._timeouts.connect,
                 read_timeout=self._timeouts.read,
                 ssl_context=self._raw_tls,
+                proxy=self.proxy_for(url),
             )
         except (trio.TooSlowError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
+        except ProxyRefused as exc:
+            raise UpstreamUnavailable(f"upstream {self.key}: {exc}") from exc
         except (OSError, h11.ProtocolError) as exc:
             raise UpstreamUnavailable(
                 f"upstream {self.key} unreachable: {type(exc).__name__}"
@@ -360,7 +388,7 @@ class Upstream:
             {"Authorization": basic_authorization(credentials)} if credentials else {}
         )
         try:
-            response = await self._client.get(
+            response = await self._client_for(challenge.realm).get(
                 challenge.realm, params=params, headers=headers
             )
         except httpx.HTTPError as exc:
@@ -413,6 +441,10 @@ def status_error(
         return Unauthorized(f"upstream {key} refused the credentials for {what}")
     if status == 403:
         return Denied(f"upstream {key} denied access to {what}")
+    if status == 407:
+        return UpstreamUnavailable(
+            f"the HTTP proxy of upstream {key} refused the proxy credentials"
+        )
     if status == 429:
         delay = parse_retry_after(response.headers.get("retry-after"), time.time())
         return TooManyRequests(

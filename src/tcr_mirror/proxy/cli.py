@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from tcr_mirror.proxy._config import (
     ConfigError,
     NodeConfig,
     parse_host_port,
+    parse_proxy,
     parse_size,
     parse_upstream_flag,
     read_credentials_file,
@@ -23,6 +25,7 @@ from tcr_mirror.proxy._config import (
     tls_context,
 )
 from tcr_mirror.proxy._daemon import serve_until_signal
+from tcr_mirror.proxy._httpproxy import parse_no_proxy
 
 __all__ = ["build_node_parser", "register"]
 
@@ -122,13 +125,27 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="also trust these CA certificates for HTTPS upstreams and the "
         "control plane (the system's CAs are always trusted)",
     )
+    parser.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="reach upstreams through this HTTP proxy, http://host:port (default: "
+        "HTTPS_PROXY/HTTP_PROXY/NO_PROXY from the environment); credentials "
+        "go in the config file or the environment, not here",
+    )
+    parser.add_argument(
+        "--no-proxy",
+        metavar="LIST",
+        help="comma-separated hosts, .domains and networks reached without --proxy",
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         config = _config_from_args(args)
-        tls_context(config.ca_file)  # a bad CA file stops the start, in one line
+        # A bad CA file or proxy variable stops the start, in one line.
+        tls_context(config.ca_file)
+        config.proxy_policy(os.environ)
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
     configure_logging(config.log_level)
@@ -167,6 +184,15 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
             raise ConfigError("--store-watermarks takes HIGH,LOW fractions") from exc
     if args.upstream:
         changes["upstreams"] = tuple(parse_upstream_flag(u) for u in args.upstream)
+    if args.proxy:
+        if "@" in args.proxy:
+            raise ConfigError(
+                "put proxy credentials in the config file or HTTPS_PROXY, "
+                "not on the command line"
+            )
+        changes["proxy"] = parse_proxy(args.proxy)
+    if args.no_proxy:
+        changes["no_proxy"] = parse_no_proxy(args.no_proxy)
     if args.node_secret_file:
         changes["node_secret"] = read_secret_file(args.node_secret_file)
     config = replace(config, **changes)

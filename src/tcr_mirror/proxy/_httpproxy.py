@@ -1,0 +1,314 @@
+"""Reaching upstreams through an HTTP proxy: which URLs take one, and how.
+
+Nodes in locked-down networks reach the registry only through an HTTP
+proxy. Everything an :class:`~tcr_mirror.proxy._upstream.Upstream` sends
+(manifests, tokens, blob bodies, redirects to blob storage) asks one
+:class:`ProxyPolicy` which proxy a URL goes through, so manifests and
+blobs never take different paths. An ``https`` URL goes through a
+``CONNECT`` tunnel and TLS runs end to end inside it; an ``http`` URL is
+sent to the proxy with its absolute URL as the request target.
+
+The policy comes from the node's config (``proxy``, ``no_proxy``), or
+else from the environment the way Go programs such as containerd and the
+kubelet read it: ``HTTPS_PROXY`` / ``HTTP_PROXY`` by the URL's scheme
+(upper case first, then lower case), ``NO_PROXY`` for exceptions, and
+never a proxy for ``localhost`` or a loopback address.
+
+Sans-IO: the policy and the ``CONNECT`` handshake are plain objects the
+tests drive without sockets; :mod:`~tcr_mirror.proxy._rawget` does the I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import h11
+
+__all__ = [
+    "HttpProxy",
+    "ProxyPolicy",
+    "ProxyRefused",
+    "TunnelOpening",
+    "parse_no_proxy",
+    "parse_proxy_url",
+]
+
+_MAX_HEAD = 64 * 1024
+
+
+class ProxyRefused(OSError):
+    """The proxy would not carry the request (its status is in the message)."""
+
+
+@dataclass(frozen=True)
+class HttpProxy:
+    """A forward proxy spoken to in plain HTTP.
+
+    Attributes:
+        host: The proxy's host name or address.
+        port: Its port.
+        authorization: The ``Proxy-Authorization`` value, if the proxy URL
+            carried credentials; never logged.
+    """
+
+    host: str
+    port: int
+    authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for logs and errors: never the credentials."""
+        return f"{_bracketed(self.host)}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Headers every request to the proxy carries."""
+        if self.authorization is None:
+            return []
+        return [("Proxy-Authorization", self.authorization)]
+
+
+def parse_proxy_url(text: str) -> HttpProxy:
+    """Parse ``[http://][user:password@]host[:port]``, as proxy variables hold.
+
+    Raises:
+        ValueError: Not such a URL; the message is one line for the user.
+    """
+    text = text.strip()
+    parts = urlsplit(text if "://" in text else f"http://{text}")
+    if parts.scheme != "http":
+        raise ValueError(
+            f"proxy URL must be http://[user:password@]host[:port] "
+            f"(no {parts.scheme}:// proxies), got {_without_credentials(text)!r}"
+        )
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if not parts.hostname or not port or parts.path not in ("", "/") or parts.query:
+        raise ValueError(
+            "proxy URL must be http://[user:password@]host[:port], "
+            f"got {_without_credentials(text)!r}"
+        )
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return HttpProxy(parts.hostname, port, authorization)
+
+
+def _without_credentials(text: str) -> str:
+    scheme, sep, rest = text.rpartition("://")
+    return scheme + sep + rest.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class _Exception:
+    """One ``NO_PROXY`` entry."""
+
+    everything: bool = False
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    domain: str = ""
+    subdomains_only: bool = False
+    port: int | None = None
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.everything:
+            return True
+        if self.port is not None and self.port != port:
+            return False
+        address = _ip(host)
+        if self.network is not None:
+            return address is not None and address in self.network
+        if address is not None:
+            return False
+        if host.endswith("." + self.domain):
+            return True
+        return host == self.domain and not self.subdomains_only
+
+
+def parse_no_proxy(text: str | Iterable[str]) -> tuple[str, ...]:
+    """Split a ``NO_PROXY`` value (or list) into its entries, lower case."""
+    items = text.split(",") if isinstance(text, str) else text
+    return tuple(item.strip().lower() for item in items if item.strip())
+
+
+def _parse_exception(entry: str) -> _Exception:
+    if entry == "*":
+        return _Exception(everything=True)
+    try:
+        if "/" in entry:
+            return _Exception(network=ipaddress.ip_network(entry, strict=False))
+        return _Exception(network=ipaddress.ip_network(entry.strip("[]")))
+    except ValueError:
+        pass
+    host, port = entry, None
+    head, sep, tail = entry.rpartition(":")
+    if sep and tail.isdigit() and (not head.startswith("[") or head.endswith("]")):
+        host, port = head, int(tail)
+    address = _ip(host.strip("[]"))
+    if address is not None:
+        return _Exception(network=ipaddress.ip_network(address), port=port)
+    subdomains_only = host.startswith((".", "*."))
+    return _Exception(
+        domain=host.lstrip("*").lstrip("."), subdomains_only=subdomains_only, port=port
+    )
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    """Which proxy, if any, each URL goes through.
+
+    Attributes:
+        http: The proxy for ``http`` URLs.
+        https: The proxy for ``https`` URLs.
+        no_proxy: Hosts, domains, addresses and networks reached directly.
+        spare_loopback: Never proxy ``localhost`` and loopback addresses,
+            as Go does with the environment's proxies: a node's own
+            services are never behind its proxy.
+        source: ``"config"`` or ``"environment"``, for the start-up log.
+    """
+
+    http: HttpProxy | None = None
+    https: HttpProxy | None = None
+    no_proxy: tuple[str, ...] = ()
+    spare_loopback: bool = True
+    source: str = "environment"
+    _exceptions: tuple[_Exception, ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        exceptions = tuple(_parse_exception(entry) for entry in self.no_proxy)
+        object.__setattr__(self, "_exceptions", exceptions)
+
+    @classmethod
+    def configured(cls, proxy: HttpProxy, no_proxy: Iterable[str] = ()) -> ProxyPolicy:
+        """One proxy for every URL but those in ``no_proxy``, loopback too."""
+        return cls(proxy, proxy, parse_no_proxy(no_proxy), False, "config")
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> ProxyPolicy:
+        """The proxies the environment names, read as Go reads them.
+
+        Raises:
+            ValueError: A proxy variable holds no usable proxy URL.
+        """
+
+        def first(*names: str) -> str:
+            return next((environ[n] for n in names if environ.get(n)), "")
+
+        proxies: dict[str, HttpProxy | None] = {}
+        for scheme in ("http", "https"):
+            name = f"{scheme.upper()}_PROXY"
+            value = first(name, name.lower())
+            try:
+                proxies[scheme] = parse_proxy_url(value) if value else None
+            except ValueError as exc:
+                raise ValueError(f"{name} in the environment: {exc}") from None
+        no_proxy = parse_no_proxy(first("NO_PROXY", "no_proxy"))
+        return cls(proxies["http"], proxies["https"], no_proxy)
+
+    def for_url(self, url: str) -> HttpProxy | None:
+        """The proxy that ``url`` goes through, or None to go directly."""
+        parts = urlsplit(url)
+        proxy = self.https if parts.scheme == "https" else self.http
+        if proxy is None:
+            return None
+        host = (parts.hostname or "").lower().rstrip(".")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if self.spare_loopback and _is_loopback(host):
+            return None
+        if any(exception.matches(host, port) for exception in self._exceptions):
+            return None
+        return proxy
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    address = _ip(host)
+    return host == "localhost" or (address is not None and address.is_loopback)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class TunnelOpening:
+    """The ``CONNECT`` handshake that opens a tunnel through a proxy.
+
+    Send :meth:`request`, then feed what the proxy answers to
+    :meth:`receive` until it returns True: the tunnel is open and the next
+    bytes on the connection are the target's.
+
+    Args:
+        proxy: The proxy asked.
+        host: The target's host.
+        port: The target's port.
+    """
+
+    def __init__(self, proxy: HttpProxy, host: str, port: int) -> None:
+        self._proxy = proxy
+        self._authority = f"{_bracketed(host)}:{port}"
+        self._connection = h11.Connection(
+            h11.CLIENT, max_incomplete_event_size=_MAX_HEAD
+        )
+
+    def request(self) -> bytes:
+        headers = [("Host", self._authority), *self._proxy.headers()]
+        head = h11.Request(method="CONNECT", target=self._authority, headers=headers)
+        return self._connection.send(head) + self._connection.send(h11.EndOfMessage())
+
+    def receive(self, data: bytes) -> bool:
+        """Take bytes from the proxy; True once the tunnel is open.
+
+        Raises:
+            ProxyRefused: The proxy answered anything but 2xx, answered
+                garbage, closed the connection, or sent bytes past its
+                answer (the target cannot have spoken yet).
+        """
+        try:
+            self._connection.receive_data(data)
+            while True:
+                event = self._connection.next_event()
+                if event is h11.NEED_DATA:
+                    return False
+                if isinstance(event, h11.Response):
+                    return self._answered(event.status_code)
+                if isinstance(event, h11.ConnectionClosed):
+                    break
+        except h11.RemoteProtocolError as exc:
+            if data:
+                raise ProxyRefused(
+                    f"proxy {self._proxy.address} answered CONNECT with garbage: {exc}"
+                ) from None
+        raise ProxyRefused(
+            f"proxy {self._proxy.address} closed the connection before answering "
+            f"CONNECT {self._authority}"
+        )
+
+    def _answered(self, status: int) -> bool:
+        if not 200 <= status < 300:
+            why = " (proxy credentials refused)" if status in (401, 407) else ""
+            raise ProxyRefused(
+                f"proxy {self._proxy.address} answered {status} to CONNECT "
+                f"{self._authority}{why}"
+            )
+        if self._connection.trailing_data[0]:
+            raise ProxyRefused(
+                f"proxy {self._proxy.address} sent bytes before the tunnel opened"
+            )
+        return True
