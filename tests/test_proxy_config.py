@@ -136,6 +136,6 @@ def test_help_explains_every_option() -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     options = "--listen --data-dir --upstream --credentials-file --metrics-listen"
-    options += " --max-store-bytes --credentials-url"
+    options += " --max-store-bytes --credentials-url --proxy --no-proxy"
     for option in options.split():
         assert option in result.stdout
