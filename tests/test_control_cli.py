@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.control_sim import SECRET_KEY, sim_env, sim_process, stop_process
+from support.control_sim import SECRET_KEY, sim_env, sim_process
+from support.processes import stop_process
 
 ERROR_LINE = re.compile(
     r"^tcr-mirror: error: [A-Za-z.]+: .+ \(RequestId [0-9a-f-]{36}\)$"

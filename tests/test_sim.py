@@ -24,7 +24,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support.control_sim import stop_process
+from support.processes import stop_process
 from tcr_mirror.control import _signing
 from tcr_mirror.control.sim import (
     Key,

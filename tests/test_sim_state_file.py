@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support.control_sim import stop_process
+from support.processes import stop_process
 from tcr_mirror.control.sim import Simulator
 from tcr_mirror.control.sim._jwt import SigningKey
 from tcr_mirror.control.sim._persist import (

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .processes import stop_process
+
 __all__ = ["CONTAINERD_USER_AGENT_PREFIX", "Containerd", "ContainerdStartError"]
 
 CONTAINERD_USER_AGENT_PREFIX = "containerd/"
@@ -106,13 +108,8 @@ class Containerd:
     def stop(self) -> None:
         """Terminates the daemon (kills it if it lingers); safe to repeat."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        if process is not None:
+            stop_process(process)
         if self.socket.parent != self.workdir:
             shutil.rmtree(self.socket.parent, ignore_errors=True)
 

@@ -19,6 +19,8 @@ from tcr_mirror.control.sim._http import serve_http
 from tcr_mirror.control.sim._state import SimConfig
 from tcr_mirror.control.sim._verify import Key
 
+from .processes import stop_process
+
 SECRET_ID = "AKIDcontroltest0000"
 SECRET_KEY = "control-test-key-NEVER-PRINT-7f3a"
 CREDENTIALS = CloudCredentials(SECRET_ID, SECRET_KEY)
@@ -91,30 +93,3 @@ def sim_process(*instances: str) -> Iterator[dict[str, object]]:
         yield announcement
     finally:
         stop_process(proc, drain=drain)
-
-
-def stop_process(
-    process: subprocess.Popen[str],
-    *,
-    terminate: bool = True,
-    drain: threading.Thread | None = None,
-) -> None:
-    """End ``process`` and reap it, then join ``drain`` and close stderr.
-
-    SIGTERM first (SIGKILL straight away without ``terminate``), and SIGKILL
-    if it lingers for 10 s. ``drain`` is a thread reading its stderr.
-    """
-    if process.poll() is None:
-        if terminate:
-            process.terminate()
-        else:
-            process.kill()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if drain is not None and drain.ident is not None:
-        drain.join(timeout=10)
-    if process.stderr is not None:
-        process.stderr.close()

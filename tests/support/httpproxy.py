@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .processes import stop_process
 from .registry import free_port
 
 __all__ = ["TINYPROXY", "TinyProxy", "TinyProxyStartError"]
@@ -118,14 +119,8 @@ class TinyProxy:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        if process is not None:
+            stop_process(process)
 
     def __enter__(self) -> TinyProxy:
         return self.start()

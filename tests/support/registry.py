@@ -37,6 +37,7 @@ from urllib.parse import parse_qs
 
 import httpx
 
+from .processes import stop_process
 from .tls import TlsFiles
 from .tokenserver import TokenServer
 
@@ -253,14 +254,8 @@ class Registry:
     def stop(self) -> None:
         """Terminates the process (kills it if it lingers); safe to repeat."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        if process is not None:
+            stop_process(process)
 
     def __enter__(self) -> Registry:
         self.start()
