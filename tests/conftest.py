@@ -7,6 +7,7 @@ import Registry``. Every process a fixture starts is stopped at teardown.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,14 @@ from support.containerd import Containerd, unavailable_reason
 from support.node import NodeFactory, NodeProcess
 from support.registry import REGISTRY_BINARY, Registry
 from support.tokenserver import TokenServer
+
+# Every test's traffic stays on this host, so a proxy set for the machine
+# that runs them (a CI runner's HTTPS_PROXY, say) must not reach the nodes
+# the tests start, nor the tests' own clients. Tests of proxy support set
+# what they need themselves.
+for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.lower(), None)
 
 TEST_USER = "alice"
 
