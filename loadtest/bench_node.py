@@ -779,6 +779,11 @@ def main(argv: list[str]) -> int:
     if args.congestion_control and not os.environ.get(_NETNS_ENV):
         print(exec_in_own_netns(args.congestion_control), file=sys.stderr)
         return 2
+    # Everything runs on 127.0.0.1: a proxy set for this machine would put
+    # itself between curl, the mirror and the registries.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        os.environ.pop(name, None)
+        os.environ.pop(name.lower(), None)
     sizes = QUICK if args.quick else FULL
     started = datetime.datetime.now(datetime.UTC)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
