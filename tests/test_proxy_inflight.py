@@ -6,15 +6,20 @@ the test can hold the blob half-sent and look at what clients get then.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 import h11
 import httpx
+import pytest
 import trio
 
+from tcr_mirror.proxy import _fetch
 from tcr_mirror.proxy._config import NodeConfig, make_upstream
 from tcr_mirror.proxy._daemon import run_node
 
@@ -39,14 +44,12 @@ class PacedUpstream:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(await stream.receive_some(65536))
-                continue
-            if isinstance(event, h11.Request):
-                break
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._answer(stream)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        connection = await read_request(stream)
+        if connection is None:
             return
         self.blob_gets += 1
         head = h11.Response(
@@ -60,21 +63,41 @@ class PacedUpstream:
         await stream.aclose()
 
 
+class ServedUpstream(Protocol):
+    port: int
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None: ...
+
+
 @asynccontextmanager
 async def mirror_of(
-    upstream: PacedUpstream, data_dir: Path
+    upstream: ServedUpstream, data_dir: Path, **by_namespace: ServedUpstream
 ) -> AsyncIterator[tuple[str, trio.Nursery]]:
+    """A node in front of ``upstream`` (the default) and of each upstream
+    given by namespace (``?ns=<namespace>``)."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(upstream.serve)
-        url = f"http://127.0.0.1:{upstream.port}"
+        upstreams = []
+        for namespace, each in [(None, upstream), *by_namespace.items()]:
+            await nursery.start(each.serve)
+            url = f"http://127.0.0.1:{each.port}"
+            upstreams.append(make_upstream(namespace, url, default=not namespace))
         config = NodeConfig(
-            listen=("127.0.0.1", 0),
-            data_dir=data_dir,
-            upstreams=(make_upstream(None, url, default=True),),
+            listen=("127.0.0.1", 0), data_dir=data_dir, upstreams=tuple(upstreams)
         )
         host, port = await nursery.start(run_node, config)
         yield f"http://{host}:{port}", nursery
         nursery.cancel_scope.cancel()
+
+
+async def read_request(stream: trio.SocketStream) -> h11.Connection | None:
+    """Read one request's head; the connection to answer it on, or None."""
+    connection = h11.Connection(h11.SERVER)
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(65536))
+            continue
+        return connection if isinstance(event, h11.Request) else None
 
 
 async def test_clients_stream_a_blob_before_the_fetch_ends(tmp_path: Path) -> None:
@@ -96,13 +119,18 @@ async def test_clients_stream_a_blob_before_the_fetch_ends(tmp_path: Path) -> No
         head = await client.head(blob_url)
 
         # Half the blob is upstream's and nothing more: the first client
-        # still gets those bytes now, and the range inside them completes.
+        # still gets those bytes now, and the range inside them all but its
+        # last byte, which waits for the digest as every body's last does.
         body = whole.aiter_raw()
         first = b""
         while len(first) < HALF - 1:
             first += await body.__anext__()
         assert first == BLOB[: len(first)]
-        assert (await ranged.aread()) == BLOB[1000:2000]
+        ranged_body = ranged.aiter_raw()
+        in_range = b""
+        while len(in_range) < 999:
+            in_range += await ranged_body.__anext__()
+        assert in_range == BLOB[1000:1999]
         assert ranged.headers["content-range"] == f"bytes 1000-1999/{len(BLOB)}"
         assert head.headers["content-length"] == str(len(BLOB))
         assert whole.headers["content-length"] == str(len(BLOB))
@@ -110,6 +138,8 @@ async def test_clients_stream_a_blob_before_the_fetch_ends(tmp_path: Path) -> No
         upstream.release.set()
         rest = b"".join([chunk async for chunk in body])
         assert first + rest == BLOB
+        in_range += b"".join([chunk async for chunk in ranged_body])
+        assert in_range == BLOB[1000:2000]
         assert await late.aread() == BLOB[HALF:]
         assert late.status_code == 206
         assert upstream.blob_gets == 1
@@ -140,11 +170,218 @@ async def test_wrong_bytes_never_complete_a_body(tmp_path: Path) -> None:
         assert broke_off
         assert len(received) < len(BLOB)
 
-        # Nothing was stored: the next request fetches again.
-        with_error = await client.get(
-            f"/v2/app/blobs/{DIGEST}", headers={"Range": "bytes=0-0"}
-        )
-        assert with_error.status_code in (206, 503)
+        # Nothing was stored: the next request fetches again, and even its
+        # one-byte range waits for the digest, which fails again.
+        async with client.stream(
+            "GET", f"/v2/app/blobs/{DIGEST}", headers={"Range": "bytes=0-0"}
+        ) as with_error:
+            received, cut = await read_until_cut(with_error.aiter_raw())
+        assert (with_error.status_code, cut) in ((206, True), (503, False))
+        assert received == b""
     assert upstream.blob_gets == 2
     assert not list((tmp_path / "blobs").rglob(DIGEST[7:]))
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+async def read_until_cut(chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
+    """The body's bytes, and whether the connection broke off before its end."""
+    received = b""
+    try:
+        async for chunk in chunks:
+            received += chunk
+    except httpx.RemoteProtocolError:
+        return received, True
+    return received, False
+
+
+async def test_a_range_of_wrong_bytes_never_completes(tmp_path: Path) -> None:
+    wrong = bytearray(BLOB)
+    wrong[1500] ^= 0xFF  # inside the range, and in the half sent at once
+    upstream = PacedUpstream(bytes(wrong))
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        request = client.build_request(
+            "GET", f"/v2/app/blobs/{DIGEST}", headers={"Range": "bytes=1000-1999"}
+        )
+        ranged = await client.send(request, stream=True)
+        assert ranged.status_code == 206
+        body = ranged.aiter_raw()
+        first = b""
+        while len(first) < 999:
+            first += await body.__anext__()
+        # The range's bytes are all there but the last, which waits for
+        # the digest; it never comes, because the digest fails.
+        upstream.release.set()
+        rest, cut = await read_until_cut(body)
+        assert cut
+        assert len(first + rest) < 1000
+
+
+async def test_an_empty_body_for_a_blob_that_is_not_empty_is_an_error(
+    tmp_path: Path,
+) -> None:
+    upstream = PacedUpstream(b"")
+    upstream.release.set()
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        response = await client.get(f"/v2/app/blobs/{DIGEST}")
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert not list((tmp_path / "blobs").rglob(DIGEST[7:]))
+
+
+class ResizingUpstream:
+    """Announces BLOB 10 bytes longer and closes, then serves it right."""
+
+    def __init__(self) -> None:
+        self.blob_gets = 0
+        self.port = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._answer(stream)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        connection = await read_request(stream)
+        if connection is None:
+            return
+        self.blob_gets += 1
+        if self.blob_gets == 1:
+            length = str(len(BLOB) + 10)
+            head = h11.Response(status_code=200, headers=[("Content-Length", length)])
+            await stream.send_all(connection.send(head))
+        else:
+            head = h11.Response(
+                status_code=200, headers=[("Content-Length", str(len(BLOB)))]
+            )
+            await stream.send_all(connection.send(head))
+            await stream.send_all(connection.send(h11.Data(BLOB)))
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+
+async def test_a_size_that_changes_between_attempts_cuts_clients_off(
+    tmp_path: Path,
+) -> None:
+    upstream = ResizingUpstream()
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        with trio.fail_after(20):  # not for ever, one byte short of 10 more
+            async with client.stream("GET", f"/v2/app/blobs/{DIGEST}") as response:
+                assert response.headers["content-length"] == str(len(BLOB) + 10)
+                received, cut = await read_until_cut(response.aiter_raw())
+        assert cut
+        assert len(received) <= len(BLOB)
+        assert upstream.blob_gets == 2
+
+        again = await client.get(f"/v2/app/blobs/{DIGEST}")
+        assert again.status_code == 200
+        assert again.content == BLOB
+
+
+class RefusingUpstream:
+    """Holds each request until released, then answers 404."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.asked = trio.Event()
+        self.port = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        connection = await read_request(stream)
+        if connection is None:
+            return
+        self.asked.set()
+        await self.release.wait()
+        body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
+        head = h11.Response(
+            status_code=404,
+            headers=[("Content-Length", str(len(body))), ("Connection", "close")],
+        )
+        await stream.send_all(connection.send(head) + connection.send(h11.Data(body)))
+        await stream.aclose()
+
+
+async def test_a_client_that_joined_another_upstreams_refused_fetch_asks_its_own(
+    tmp_path: Path,
+) -> None:
+    refusing = RefusingUpstream()
+    holding = PacedUpstream()
+    holding.release.set()
+    async with (
+        mirror_of(refusing, tmp_path, **{"b.example": holding}) as (url, nursery),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        path = f"/v2/app/blobs/{DIGEST}"
+        answers: dict[str, httpx.Response] = {}
+
+        async def get(name: str, params: dict[str, str]) -> None:
+            answers[name] = await client.get(path, params=params)
+
+        nursery.start_soon(get, "default", {})
+        await refusing.asked.wait()
+        nursery.start_soon(get, "b.example", {"ns": "b.example"})
+        await trio.sleep(0.2)  # lets the second client join the first fetch
+        refusing.release.set()
+        with trio.fail_after(20):
+            while len(answers) < 2:
+                await trio.sleep(0.01)
+    assert answers["default"].status_code == 404
+    assert answers["b.example"].status_code == 200
+    assert answers["b.example"].content == BLOB
+    assert holding.blob_gets == 1
+
+
+async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk fills while the fetch claims its space: every client, also
+    # one that came while the claim ran, must get the error, never a head.
+    claiming = trio.Event()
+    disk_full = trio.Event()
+
+    async def allocate_on_a_full_disk(fd: int, size: int) -> None:
+        claiming.set()
+        await disk_full.wait()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_fetch, "_allocate", allocate_on_a_full_disk)
+    upstream = PacedUpstream()
+    upstream.release.set()
+    async with (
+        mirror_of(upstream, tmp_path) as (url, nursery),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        answers: list[httpx.Response] = []
+
+        async def get() -> None:
+            answers.append(await client.get(f"/v2/app/blobs/{DIGEST}"))
+
+        nursery.start_soon(get)
+        await claiming.wait()
+        nursery.start_soon(get)
+        await trio.sleep(0.2)  # lets the second client join during the claim
+        disk_full.set()
+        with trio.fail_after(20):
+            while len(answers) < 2:
+                await trio.sleep(0.01)
+    assert [answer.status_code for answer in answers] == [507, 507]
     assert not list((tmp_path / "tmp").iterdir())

@@ -137,3 +137,18 @@ def test_an_unreadable_index_is_rebuilt_from_the_blob_files(tmp_path: Path) -> N
     assert read(again, blob) == b"survives"
     assert again.get_tag("reg", "app", "v1") is None
     assert list(tmp_path.glob("index.broken-*"))
+
+
+def test_a_blob_file_deleted_behind_the_store_stops_counting(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    kept = put(store, b"kept")
+    gone = put(store, b"deleted by hand")
+    store.blob_path(gone).unlink()
+
+    assert read(store, gone) is None
+    assert store.blob_entry(gone) is None
+    assert store.used_bytes == len(b"kept")
+    # Fetched again, it counts once.
+    put(store, b"deleted by hand")
+    assert store.used_bytes == len(b"kept") + len(b"deleted by hand")
+    assert read(store, kept) == b"kept"

@@ -9,16 +9,23 @@ so the first bytes reach all clients as soon as the upstream sends them.
 
 Two rules keep a bad fetch from looking like a good blob:
 
-* The last byte of the blob is released to clients only after the whole
-  blob matched its digest. A client that was streaming a blob whose bytes
-  turn out wrong sees its connection end one byte short of the declared
-  length, never a complete body.
+* The last byte of every body, the blob's or a range's, is released only
+  after the whole blob matched its digest (an empty blob's head waits for
+  it too). A client that was streaming a blob whose bytes turn out wrong
+  sees its connection end short of the declared length, never a complete
+  body.
 * The temporary file is renamed into the store only after the digest and
   size matched and the file was fsynced; a failed fetch deletes it.
 
 A body cut off by the network is resumed with a ``Range`` request from the
 first missing byte; an upstream that answers the resume with anything but
-the asked ``206`` fails the fetch.
+the asked ``206``, or that changes the blob's size between attempts, fails
+the fetch. Clients get a head only once the blob's disk space is claimed,
+so a full disk is an error for every one of them, not a cut body.
+
+Fetches are shared by digest, whatever the upstream or repository. A client
+that joined a fetch from another upstream or repository which is refused
+asks its own (:meth:`~tcr_mirror.proxy._mirror.Mirror._blob`).
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class BlobFetch:
         digest: The blob's digest.
         path: Where its bytes are: the temporary file, and the final blob
             file once :attr:`done`.
+        origin: The upstream's key and the repository it is fetched from.
         size: The blob's size once the upstream told it, else None.
         written: Bytes written to the file so far.
         verified: The blob's bytes matched its digest.
@@ -77,9 +85,12 @@ class BlobFetch:
         error: Why the fetch failed, if it did.
     """
 
-    def __init__(self, digest: Digest, path: Path) -> None:
+    def __init__(
+        self, digest: Digest, path: Path, origin: tuple[str, str] = ("", "")
+    ) -> None:
         self.digest = digest
         self.path = path
+        self.origin = origin
         self.size: int | None = None
         self.written = 0
         self.verified = False
@@ -114,31 +125,53 @@ class BlobFetch:
         assert self.size is not None
         return self.size
 
-    def available(self) -> int:
-        """Bytes a client may be sent now (the last waits for the digest)."""
+    def available(self, end: int | None = None) -> int:
+        """Bytes a client whose body ends at offset ``end`` (default: the
+        blob's end) may be sent now.
+
+        The last byte of every body waits for the digest, also a range's
+        that ends early, so no complete response ever holds bytes that turn
+        out wrong.
+        """
         if self.verified:
             return self.written
         if self.size is None:
             return 0
-        return min(self.written, self.size - 1)
+        return min(self.written, (self.size if end is None else end) - 1)
 
-    async def wait_available(self, offset: int) -> int:
-        """Wait until bytes past ``offset`` may be sent.
+    async def wait_available(self, offset: int, end: int | None = None) -> int:
+        """Wait until bytes past ``offset`` may be sent to a body ending at ``end``.
 
         Returns:
             The number of bytes from the start that may be sent, greater
             than ``offset``.
 
         Raises:
-            FetchAborted: The fetch failed.
+            FetchAborted: The fetch failed, or ended short of ``offset``.
         """
         while True:
             if self.error is not None and not self.verified:
                 raise FetchAborted(self.error.message)
-            available = self.available()
+            available = self.available(end)
             if available > offset:
                 return available
+            if self.finished:
+                # Only a fetch whose size changed under its clients ends
+                # here; they must see their bodies cut, not wait for ever.
+                raise FetchAborted(f"the fetch of {self.digest} ended at {available}")
             await self._changed.wait()
+
+    async def wait_verified(self) -> None:
+        """Wait until the blob's bytes matched its digest.
+
+        Raises:
+            RegistryError: The fetch failed.
+        """
+        while not self.verified and self.error is None:
+            await self._changed.wait()
+        if not self.verified:
+            assert self.error is not None
+            raise self.error
 
 
 class BlobFetcher:
@@ -172,7 +205,7 @@ class BlobFetcher:
             return existing
         path = self._store.new_temp_path(digest)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fetch = BlobFetch(digest, path)
+        fetch = BlobFetch(digest, path, (upstream.key, repository))
         self._fetches[digest] = fetch
         self._nursery.start_soon(self._run, fetch, fd, upstream, repository)
         return fetch
@@ -220,12 +253,13 @@ class BlobFetcher:
                 async with upstream.open_blob(
                     path, repository=repository, headers=headers
                 ) as response:
-                    first = fetch.size is None
-                    _check_response(response, fetch, upstream.key)
-                    if first:
-                        assert fetch.size is not None
-                        self._store.reserve(fetch.digest, fetch.size)
-                        await _allocate(fd, fetch.size)
+                    size = _check_response(response, fetch, upstream.key)
+                    if fetch.size is None:
+                        self._store.reserve(fetch.digest, size)
+                        await _allocate(fd, size)
+                        # Only now may clients have a head: a disk without
+                        # room fails them all with an error instead.
+                        fetch.size = size
                     fetch.notify()
                     await _absorb(response, fetch, fd, hasher)
             except BodyBroken as exc:
@@ -397,15 +431,27 @@ async def _absorb(
         raise BodyBroken("upstream body ended early")
 
 
-def _check_response(response: RawResponse, fetch: BlobFetch, key: str) -> None:
+def _check_response(response: RawResponse, fetch: BlobFetch, key: str) -> int:
+    """Check an answer to the fetch's GET, first or resumed.
+
+    Returns:
+        The blob's size as the upstream gives it.
+    """
     status = response.status_code
     if fetch.written == 0 and status == 200:
-        fetch.size = _content_length(response, key)
-        return
+        size = _content_length(response, key)
+        if fetch.size is not None and size != fetch.size:
+            # Clients were already told the first size.
+            raise UpstreamUnavailable(
+                f"upstream {key} changed the size of {fetch.digest} from "
+                f"{fetch.size} to {size} between attempts"
+            )
+        return size
     if fetch.written and status == 206:
+        assert fetch.size is not None
         match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", ""))
         if match and int(match[1]) == fetch.written and int(match[3]) == fetch.size:
-            return
+            return fetch.size
         raise UpstreamUnavailable(f"upstream {key} answered a resume with a bad range")
     raise status_error(response, f"blob {fetch.digest}", key, not_found=BlobUnknown)
 

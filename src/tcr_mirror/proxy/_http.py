@@ -387,7 +387,7 @@ async def _send_file(
         )
         return
     while position < end:
-        limit = min(end, await body.fetch.wait_available(position))
+        limit = min(end, await body.fetch.wait_available(position, end))
         sent = await sendfile_on_loop(
             sock, body.fd, position, limit - position, _SEND_STALL_TIMEOUT
         )

@@ -303,31 +303,45 @@ class Mirror:
     ) -> Response:
         assert route.digest is not None
         digest = route.digest
-        fetch = self._fetcher.in_flight(digest)
-        if fetch is None:
-            opened = self._store.open_blob(digest)
-            if opened is not None:
-                self._cache("blob", "hit")
-                fd, size = opened
-                return self._blob_response(request, digest, fd, size)
-            self._cache("blob", "miss")
-            if request.method == "HEAD":
-                return await self._head_blob(route, upstream, digest)
-            fetch = self._fetcher.fetch(upstream, route.name, digest)
-        else:
-            self._cache("blob", "joined")
+        # Fetches are shared by digest, so a client may join one from another
+        # upstream or repository. If that one refuses the blob, which says
+        # nothing of this client's, the client asks its own (once).
+        for attempt in range(2):
+            fetch = self._fetcher.in_flight(digest)
+            if fetch is None:
+                opened = self._store.open_blob(digest)
+                if opened is not None:
+                    self._cache("blob", "hit")
+                    fd, size = opened
+                    return self._blob_response(request, digest, fd, size)
+                if not attempt:
+                    self._cache("blob", "miss")
+                if request.method == "HEAD":
+                    return await self._head_blob(route, upstream, digest)
+                fetch = self._fetcher.fetch(upstream, route.name, digest)
+            elif not attempt:
+                self._cache("blob", "joined")
 
-        fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = await fetch.wait_size()
-        except BaseException:
-            os.close(fd)
-            raise
-        response = self._blob_response(request, digest, fd, size)
-        if isinstance(response.body, FileBody):
-            response.body.fetch = fetch
-            self._follow_fetch(response.body)
-        return response
+            fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = await fetch.wait_size()
+                if not size:
+                    # An empty body has no last byte to hold back.
+                    await fetch.wait_verified()
+            except RegistryError:
+                os.close(fd)
+                if attempt or fetch.origin == (upstream.key, route.name):
+                    raise
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            response = self._blob_response(request, digest, fd, size)
+            if isinstance(response.body, FileBody):
+                response.body.fetch = fetch
+                self._follow_fetch(response.body)
+            return response
+        raise AssertionError("not reached: the second attempt returns or raises")
 
     def _follow_fetch(self, body: FileBody) -> None:
         """Count the client as waiting on a fetch until its body is done."""

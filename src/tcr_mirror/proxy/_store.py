@@ -160,7 +160,9 @@ class BlobStore:
         try:
             fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            # Deleted behind the store's back: its bytes no longer count.
             self._forget_blob(digest)
+            self._used -= entry.size
             return None
         try:
             self._put_blob(digest, BlobEntry(entry.size, time.time(), entry.stored_at))
