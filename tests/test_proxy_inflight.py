@@ -385,3 +385,49 @@ async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
                 await trio.sleep(0.01)
     assert [answer.status_code for answer in answers] == [507, 507]
     assert not list((tmp_path / "tmp").iterdir())
+
+
+class ManifestUpstream:
+    """Answers every request with one OCI manifest."""
+
+    body = (
+        b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+    )
+
+    def __init__(self) -> None:
+        self.port = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        connection = await read_request(stream)
+        if connection is None:
+            return
+        headers = [
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+            ("Content-Length", str(len(self.body))),
+            ("Connection", "close"),
+        ]
+        data = connection.send(h11.Response(status_code=200, headers=headers))
+        data += connection.send(h11.Data(self.body))
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data + connection.send(h11.EndOfMessage()))
+            await stream.aclose()
+
+
+async def test_a_manifest_by_sha512_digest(tmp_path: Path) -> None:
+    upstream = ManifestUpstream()
+    sha512 = "sha512:" + hashlib.sha512(upstream.body).hexdigest()
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        for _ in range(2):  # from upstream, then from the store
+            got = await client.get(f"/v2/app/manifests/{sha512}")
+            assert got.status_code == 200, got.text
+            assert got.content == upstream.body
+            assert got.headers["docker-content-digest"] == sha512

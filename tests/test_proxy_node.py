@@ -23,6 +23,7 @@ from support.images import (
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
+from support.tokenserver import TokenServer
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -64,6 +65,35 @@ def test_manifest_by_tag_and_digest(
             assert head.content == b""
             assert head.headers["content-length"] == str(len(image.manifest_bytes))
             assert head.headers["docker-content-digest"] == image.manifest_digest
+
+
+def test_a_tag_resolves_per_manifest_types_the_client_accepts(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    # A client that cannot read manifest lists gets the default platform's
+    # image for the same tag; that must not become what containerd, which
+    # reads lists, is served from the mirror's tag cache.
+    index = push_index(registry, "multi", "v1", media="docker")
+    amd64 = dict(index.images)[("linux", "amd64")]
+    node = node_factory("--upstream", registry.url, "--tag-ttl", "300")
+    url = "/v2/multi/manifests/v1"
+    with httpx.Client(base_url=node.url, timeout=30) as client:
+        assert client.get(url, headers={"Accept": ALL_MANIFESTS}).content == (
+            index.index_bytes
+        )
+        old_client = client.get(url, headers={"Accept": DOCKER_MANIFEST})
+        assert old_client.headers["content-type"] == DOCKER_MANIFEST
+        assert old_client.content == amd64.manifest_bytes
+        for accept in (ALL_MANIFESTS, DOCKER_MANIFEST, ALL_MANIFESTS):
+            again = client.get(url, headers={"Accept": accept})
+            expected = index if accept == ALL_MANIFESTS else None
+            if expected is not None:
+                assert again.headers["content-type"] == DOCKER_LIST
+                assert again.content == index.index_bytes
+            else:
+                assert again.content == amd64.manifest_bytes
+    # Both answers came from the tag cache the second time.
+    assert len(registry.requests_for("GET", url)) == 2
 
 
 @pytest.mark.parametrize(
@@ -372,6 +402,38 @@ def test_authenticated_upstream_and_no_secret_in_logs(
     assert password not in log
     assert "Authorization" not in log
     assert "Bearer" not in log
+
+
+def test_a_token_the_upstream_stops_accepting_is_replaced(
+    token_auth_registry: Registry,
+    token_server: TokenServer,
+    node_factory: NodeFactory,
+    tmp_path: Path,
+) -> None:
+    assert token_auth_registry.credentials is not None
+    user, password = token_auth_registry.credentials
+    image = push_image(token_auth_registry, "private/app", "v1", layer_sizes=[3000])
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"{user}:{password}\n")
+    node = node_factory(
+        "--upstream", token_auth_registry.url, "--credentials-file", str(credentials),
+        "--tag-ttl", "0",
+    )  # fmt: skip
+    with httpx.Client(base_url=node.url, timeout=30) as client:
+        url = "/v2/private/app/manifests/v1"
+        assert client.get(url, headers={"Accept": OCI_MANIFEST}).status_code == 200
+        issued = token_server.tokens_issued
+        # The token service rotates its key: the token the node holds, still
+        # within its lifetime, is refused from now on.
+        token_server.rotate_key()
+        token_auth_registry.stop()
+        token_auth_registry.start()
+        again = client.get(url, headers={"Accept": OCI_MANIFEST})
+        assert again.status_code == 200
+        assert again.content == image.manifest_bytes
+        digest, data = image.layers[0]
+        assert client.get(f"/v2/private/app/blobs/{digest}").content == data
+    assert token_server.tokens_issued == issued + 1
 
 
 def _tokens_issued(request: pytest.FixtureRequest, auth: str) -> int:

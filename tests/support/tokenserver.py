@@ -131,14 +131,20 @@ class TokenServer:
         }
         # When set, every token request is answered with this status.
         self.fail_with: int | None = None
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._kid = libtrust_key_id(self._key.public_key())
-        certificate = self_signed_ca(self._key, issuer, days=30)
-        self.cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        self.rotate_key()
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    def rotate_key(self) -> None:
+        """Sign with a new key from now on, as a token service rotating its
+        key does: a registry restarted with the new certificate refuses
+        every token signed before."""
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._kid = libtrust_key_id(self._key.public_key())
+        certificate = self_signed_ca(self._key, self.issuer, days=30)
+        self.cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
 
     # Lifecycle.
 

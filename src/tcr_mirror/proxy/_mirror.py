@@ -191,7 +191,7 @@ class Mirror:
             # registry refuses types missing from Accept: ask for them all.
             everything = f"{_DEFAULT_ACCEPT}, {accept}" if accept else ""
             manifest = await self._get_manifest(
-                upstream, route.name, str(digest), everything
+                upstream, route.name, str(digest), everything, digest.algorithm
             )
             if manifest.digest != digest:
                 raise UpstreamUnavailable(
@@ -207,7 +207,8 @@ class Mirror:
         self, route: Route, upstream: Upstream, accept: str
     ) -> _Manifest:
         tag = route.reference
-        entry = self._store.get_tag(upstream.key, route.name, tag)
+        variant = _accept_variant(accept)
+        entry = self._store.get_tag(upstream.key, route.name, tag, variant)
         cached = self._cached_tag(entry, accept)
         assert entry is None or cached is None or entry.digest == str(cached.digest)
         if (
@@ -218,7 +219,7 @@ class Mirror:
             return cached
 
         async def revalidate() -> _Manifest:
-            return await self._resolve_tag(upstream, route.name, tag, accept)
+            return await self._resolve_tag(upstream, route.name, tag, accept, variant)
 
         key = (upstream.key, route.name, tag, accept)
         try:
@@ -246,7 +247,7 @@ class Mirror:
         return None if stored is None else _Manifest(digest, *stored)
 
     async def _resolve_tag(
-        self, upstream: Upstream, name: str, tag: str, accept: str
+        self, upstream: Upstream, name: str, tag: str, accept: str, variant: str
     ) -> _Manifest:
         # A HEAD tells the digest without the body (and registries that
         # count pulls do not count it); the body is fetched only when the
@@ -258,7 +259,7 @@ class Mirror:
         else:
             manifest = await self._get_manifest(upstream, name, tag, accept)
         entry = TagEntry(str(manifest.digest), manifest.media_type, time.time())
-        self._store.put_tag(upstream.key, name, tag, entry)
+        self._store.put_tag(upstream.key, name, tag, entry, variant)
         return manifest
 
     async def _head_manifest(
@@ -279,7 +280,12 @@ class Mirror:
             return None, media_type
 
     async def _get_manifest(
-        self, upstream: Upstream, name: str, reference: str, accept: str
+        self,
+        upstream: Upstream,
+        name: str,
+        reference: str,
+        accept: str,
+        algorithm: str = "sha256",
     ) -> _Manifest:
         path = f"/v2/{name}/manifests/{reference}"
         headers = {"Accept": _upstream_accept(accept)}
@@ -292,7 +298,7 @@ class Mirror:
             raise ManifestInvalid(
                 f"upstream {upstream.key} sent no manifest media type"
             )
-        digest = Digest("sha256", hashlib.sha256(body).hexdigest())
+        digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         self._store.put_manifest(digest, media_type, body)
         return _Manifest(digest, media_type, body)
 
@@ -439,6 +445,13 @@ def _upstream_accept(accept: str) -> str:
     if offered & set(MANIFEST_MEDIA_TYPES):
         return accept
     return _DEFAULT_ACCEPT
+
+
+def _accept_variant(accept: str) -> str:
+    """The manifest types a client asks for, as a key for what a tag
+    resolves to: a registry answers by them alone (see ``_upstream_accept``).
+    """
+    return ",".join(sorted(_media_types(accept) & set(MANIFEST_MEDIA_TYPES)))
 
 
 def _media_types(accept: str) -> set[str]:

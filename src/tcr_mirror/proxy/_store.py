@@ -305,14 +305,25 @@ class BlobStore:
         record = media_type.encode() + b"\n" + body
         self._write_best_effort(self._manifests, str(digest).encode(), record)
 
-    def get_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+    def get_tag(
+        self, upstream: str, name: str, tag: str, variant: str = ""
+    ) -> TagEntry | None:
+        """What ``tag`` resolved to for clients asking for ``variant``.
+
+        A registry may resolve one tag to different manifests for clients
+        that accept different manifest types (an index, or the image for
+        the default platform): ``variant`` names the types asked for.
+        """
         with self._env.begin(db=self._tags) as txn:
-            raw = txn.get(_tag_key(upstream, name, tag))
+            raw = txn.get(_tag_key(upstream, name, tag, variant))
         return None if raw is None else TagEntry(**json.loads(bytes(raw)))
 
-    def put_tag(self, upstream: str, name: str, tag: str, entry: TagEntry) -> None:
+    def put_tag(
+        self, upstream: str, name: str, tag: str, entry: TagEntry, variant: str = ""
+    ) -> None:
         record = json.dumps(entry.__dict__).encode()
-        self._write_best_effort(self._tags, _tag_key(upstream, name, tag), record)
+        key = _tag_key(upstream, name, tag, variant)
+        self._write_best_effort(self._tags, key, record)
 
     def _write_best_effort(self, db: Any, key: bytes, value: bytes) -> None:
         # Manifests and tags are cheap to fetch again; a full disk only
@@ -322,10 +333,6 @@ class BlobStore:
                 txn.put(key, value)
         except lmdb.Error as exc:
             logger.warning("index_write_failed", extra={"reason": str(exc)})
-
-    def delete_tag(self, upstream: str, name: str, tag: str) -> None:
-        with self._env.begin(db=self._tags, write=True) as txn:
-            txn.delete(_tag_key(upstream, name, tag))
 
     # -- recovery -------------------------------------------------------------
 
@@ -374,5 +381,5 @@ class BlobStore:
         return counts
 
 
-def _tag_key(upstream: str, name: str, tag: str) -> bytes:
-    return f"{upstream}\0{name}\0{tag}".encode()
+def _tag_key(upstream: str, name: str, tag: str, variant: str) -> bytes:
+    return f"{upstream}\0{name}\0{tag}\0{variant}".encode()

@@ -250,6 +250,10 @@ class Upstream:
                 )
                 if challenge is not None and challenge.scheme in ("basic", "bearer"):
                     await response.aclose()
+                    if authorization and self._challenge is not None:
+                        # The token just refused (revoked, or signed with a
+                        # rotated key) must not be sent again.
+                        self._tokens.drop(self._token_key(self._challenge, scope))
                     self._challenge = challenge
                     answered_challenge = True
                     continue
@@ -372,11 +376,15 @@ class Upstream:
             return None
         return await self._credentials.credentials()
 
+    @staticmethod
+    def _token_key(challenge: Challenge, scope: str) -> tuple[str, str, str]:
+        return (challenge.realm, challenge.params.get("service", ""), scope)
+
     async def _bearer_token(
         self, challenge: Challenge, scope: str, credentials: Credentials | None
     ) -> str | None:
         service = challenge.params.get("service", "")
-        key = (challenge.realm, service, scope)
+        key = self._token_key(challenge, scope)
         token = self._tokens.get(key, trio.current_time())
         if token is not None:
             return token
