@@ -24,6 +24,7 @@ from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
 from support.tokenserver import TokenServer
+from tcr_mirror.proxy._http import origin_form
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -330,7 +331,47 @@ def test_bad_input_gets_oci_errors(
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert json.loads(body)["errors"][0]["code"] == code
+    if status == 405:
+        lines = (line.partition(b": ") for line in head.split(b"\r\n")[1:])
+        fields = {name.lower(): value for name, _, value in lines}
+        assert fields[b"allow"] == b"GET, HEAD"
     assert httpx.get(f"{node.url}/v2/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/v2/app/manifests/v1", "/v2/app/manifests/v1"),
+        ("http://127.0.0.1:5000/v2/app/manifests/v1?ns=x", "/v2/app/manifests/v1?ns=x"),
+        ("HTTPS://mirror/v2/", "/v2/"),
+        ("http://mirror", "/"),
+        ("http://mirror?ns=x", "/?ns=x"),
+        ("ftp://mirror/v2/", "ftp://mirror/v2/"),
+        ("/v2/a://b/manifests/v1", "/v2/a://b/manifests/v1"),
+    ],
+)
+def test_absolute_form_targets_are_taken_by_their_path(
+    target: str, expected: str
+) -> None:
+    assert origin_form(target) == expected
+
+
+def test_absolute_form_and_expect_100_continue_over_a_socket(
+    node: NodeProcess,
+) -> None:
+    with socket.create_connection((node.host, node.port), timeout=10) as sock:
+        sock.sendall(
+            f"GET http://{node.address}/v2/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        # The go-ahead comes before the body is sent, then the answer.
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"body")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_garbage_http_is_answered_400_and_daemon_lives(node: NodeProcess) -> None:

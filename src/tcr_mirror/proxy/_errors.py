@@ -117,6 +117,10 @@ class Unsupported(RegistryError):
     code = "UNSUPPORTED"
     status = 405
 
+    def __init__(self, message: str) -> None:
+        # A 405 names the methods that are allowed (RFC 9110, 15.5.6).
+        super().__init__(message, headers=[("Allow", "GET, HEAD")])
+
 
 class PaginationNumberInvalid(RegistryError):
     code = "PAGINATION_NUMBER_INVALID"

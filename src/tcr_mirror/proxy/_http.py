@@ -28,7 +28,14 @@ from tcr_mirror.proxy._errors import RegistryError
 from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
 from tcr_mirror.proxy._sendfile import send_stored, sendfile_on_loop
 
-__all__ = ["FileBody", "HttpServer", "Request", "Response", "same_host"]
+__all__ = [
+    "FileBody",
+    "HttpServer",
+    "Request",
+    "Response",
+    "origin_form",
+    "same_host",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -267,14 +274,35 @@ def _to_request(event: h11.Request) -> Request:
         # RFC 9110 §5.3: repeated fields are one comma-separated list (skopeo
         # sends one Accept line per media type).
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return Request(
-        event.method.decode("ascii"), event.target.decode("latin-1"), headers
-    )
+    target = event.target.decode("latin-1")
+    return Request(event.method.decode("ascii"), origin_form(target), headers)
+
+
+def origin_form(target: str) -> str:
+    """The path and query of a request target.
+
+    A server must accept the absolute form, ``http://host/v2/...``, which
+    proxies send (RFC 9112, 3.2.2); the mirror only needs its path.
+    """
+    scheme, sep, rest = target.partition("://")
+    if not sep or not scheme.isalpha() or scheme.lower() not in ("http", "https"):
+        return target
+    slash = rest.find("/")
+    query = rest.find("?")
+    if slash == -1 or (query != -1 and query < slash):
+        return "/" + (rest[query:] if query != -1 else "")
+    return rest[slash:]
 
 
 async def _drain_body(connection: h11.Connection, stream: trio.SocketStream) -> None:
     # Pull requests carry no body; read and drop whatever a client sent so
     # the connection stays in step, up to a limit.
+    if connection.they_are_waiting_for_100_continue:
+        # The client holds its body back until it hears this, while the
+        # mirror reads the body before it answers: both would wait.
+        await stream.send_all(
+            connection.send(h11.InformationalResponse(status_code=100, headers=[]))
+        )
     received = 0
     while connection.their_state is h11.SEND_BODY:
         event = await _next_event(connection, stream)

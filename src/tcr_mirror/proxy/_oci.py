@@ -227,17 +227,20 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
 
     Returns:
         The clamped range, or None when the whole blob is to be sent: no
-        header, or several ranges (RFC 9110 lets a server ignore those, and
-        no registry client asks for them).
+        header, a unit other than bytes (RFC 9110 says to ignore it), or
+        several ranges (a server may ignore those, and no registry client
+        asks for them).
 
     Raises:
-        RangeInvalid: The header is malformed or cannot be satisfied; the
-            error carries ``Content-Range: bytes */size``.
+        RangeInvalid: The byte ranges are malformed or cannot be satisfied;
+            the error carries ``Content-Range: bytes */size``.
     """
     if header is None:
         return None
     unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or not spec:
+    if unit.strip().lower() != "bytes":
+        return None
+    if not spec:
         raise RangeInvalid(f"malformed Range header {_clip(header)!r}", size=size)
     if "," in spec:
         return None
