@@ -18,6 +18,7 @@ import pytest
 from support.containerd import Containerd, unavailable_reason
 from support.node import NodeFactory, NodeProcess
 from support.registry import REGISTRY_BINARY, Registry
+from support.tls import TlsFiles, make_tls_files
 from support.tokenserver import TokenServer
 
 # Every test's traffic stays on this host, so a proxy set for the machine
@@ -81,6 +82,21 @@ def basic_auth_registry(registry_factory: Callable[..., Registry]) -> Registry:
     The password is random per test, so a test can search logs for it.
     """
     return registry_factory(htpasswd=(TEST_USER, secrets.token_urlsafe(16)))
+
+
+# An HTTPS upstream, from a CA the test makes.
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    return make_tls_files(tmp_path / "tls")
+
+
+@pytest.fixture
+def tls_registry(
+    registry_factory: Callable[..., Registry], tls_files: TlsFiles
+) -> Registry:
+    registry = registry_factory(tls=tls_files)
+    assert registry.url.startswith("https://")
+    return registry
 
 
 @pytest.fixture

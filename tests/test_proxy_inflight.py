@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol
 
 import h11
 import httpx
@@ -28,20 +27,28 @@ DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 HALF = len(BLOB) // 2
 
 
-class PacedUpstream:
-    """Serves BLOB: the first half at once, the rest when released."""
+class ServedUpstream:
+    """A test upstream on 127.0.0.1: each connection goes to ``_connection``."""
 
-    def __init__(self, body: bytes = BLOB) -> None:
-        self.body = body
-        self.release = trio.Event()
-        self.blob_gets = 0
-        self.port = 0
+    port = 0
 
     async def serve(self, task_status: trio.TaskStatus[None]) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class PacedUpstream(ServedUpstream):
+    """Serves BLOB: the first half at once, the rest when released."""
+
+    def __init__(self, body: bytes = BLOB) -> None:
+        self.body = body
+        self.release = trio.Event()
+        self.blob_gets = 0
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
@@ -61,12 +68,6 @@ class PacedUpstream:
         await stream.send_all(connection.send(h11.Data(self.body[HALF:])))
         await stream.send_all(connection.send(h11.EndOfMessage()))
         await stream.aclose()
-
-
-class ServedUpstream(Protocol):
-    port: int
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None: ...
 
 
 @asynccontextmanager
@@ -234,18 +235,11 @@ async def test_an_empty_body_for_a_blob_that_is_not_empty_is_an_error(
     assert not list((tmp_path / "blobs").rglob(DIGEST[7:]))
 
 
-class ResizingUpstream:
+class ResizingUpstream(ServedUpstream):
     """Announces BLOB 10 bytes longer and closes, then serves it right."""
 
     def __init__(self) -> None:
         self.blob_gets = 0
-        self.port = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
@@ -291,19 +285,12 @@ async def test_a_size_that_changes_between_attempts_cuts_clients_off(
         assert again.content == BLOB
 
 
-class RefusingUpstream:
+class RefusingUpstream(ServedUpstream):
     """Holds each request until released, then answers 404."""
 
     def __init__(self) -> None:
         self.release = trio.Event()
         self.asked = trio.Event()
-        self.port = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         connection = await read_request(stream)
@@ -387,21 +374,12 @@ async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
     assert not list((tmp_path / "tmp").iterdir())
 
 
-class ManifestUpstream:
+class ManifestUpstream(ServedUpstream):
     """Answers every request with one OCI manifest."""
 
     body = (
         b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
     )
-
-    def __init__(self) -> None:
-        self.port = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         connection = await read_request(stream)

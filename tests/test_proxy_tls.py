@@ -19,24 +19,10 @@ import pytest
 from support.images import push_image
 from support.node import NodeProcess
 from support.registry import Registry
-from support.tls import TlsFiles, make_tls_files
+from support.tls import TlsFiles
 
 NodeFactory = Callable[..., NodeProcess]
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
-
-
-@pytest.fixture
-def tls_files(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
-
-
-@pytest.fixture
-def tls_registry(
-    registry_factory: Callable[..., Registry], tls_files: TlsFiles
-) -> Registry:
-    registry = registry_factory(tls=tls_files)
-    assert registry.url.startswith("https://")
-    return registry
 
 
 def test_an_https_upstream_is_pulled_through_with_its_ca(

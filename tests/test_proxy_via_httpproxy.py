@@ -21,25 +21,13 @@ from support.httpproxy import TinyProxy
 from support.images import PushedImage, push_image
 from support.node import NodeProcess
 from support.registry import Registry
-from support.tls import TlsFiles, make_tls_files
+from support.tls import TlsFiles
 
 NodeFactory = Callable[..., NodeProcess]
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 PROXY_USER = ("alice", "pr0xy-s3cret")
 # One layer big enough for several raw reads, one small.
 LAYER_SIZES = (3 << 20, 512)
-
-
-@pytest.fixture
-def tls_files(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
-
-
-@pytest.fixture
-def tls_registry(
-    registry_factory: Callable[..., Registry], tls_files: TlsFiles
-) -> Registry:
-    return registry_factory(tls=tls_files)
 
 
 @pytest.fixture
