@@ -1,4 +1,5 @@
-"""Sans-IO upstream authentication: challenges, token answers, Retry-After."""
+"""Sans-IO upstream authentication: challenges, token answers, Retry-After,
+and what a redirect may carry."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcr_mirror.proxy._auth import (
+    MAX_RETRY_AFTER,
     Challenge,
     Credentials,
+    RedirectRefused,
     TokenCache,
     basic_authorization,
+    origin,
     parse_challenge,
     parse_retry_after,
     parse_token_response,
+    redirect_target,
 )
 
 
@@ -101,3 +106,73 @@ def test_retry_after() -> None:
     assert parse_retry_after(in_a_minute, now) == pytest.approx(60, abs=1)
     long_ago = email.utils.formatdate(now - 600, usegmt=True)
     assert parse_retry_after(long_ago, now) == 1
+
+
+def test_retry_after_is_capped_at_a_few_minutes() -> None:
+    now = 1_700_000_000.0
+    assert MAX_RETRY_AFTER <= 600
+    assert parse_retry_after("86400", now) == MAX_RETRY_AFTER
+    assert parse_retry_after("9" * 400, now) == MAX_RETRY_AFTER
+    next_year = email.utils.formatdate(now + 365 * 86400, usegmt=True)
+    assert parse_retry_after(next_year, now) == MAX_RETRY_AFTER
+
+
+@given(st.text(max_size=60))
+def test_any_retry_after_is_between_one_second_and_the_cap(header: str) -> None:
+    assert 1 <= parse_retry_after(header, 1_700_000_000.0) <= MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://Registry.Example/v2/", ("https", "registry.example", 443)),
+        ("https://registry.example:443/v2/", ("https", "registry.example", 443)),
+        ("http://registry.example/v2/", ("http", "registry.example", 80)),
+        ("http://user:pw@10.0.0.1:5000/x", ("http", "10.0.0.1", 5000)),
+        ("https://[::1]:8443/", ("https", "::1", 8443)),
+        ("https://registry.example./", ("https", "registry.example", 443)),
+    ],
+)
+def test_origins(url: str, expected: tuple[str, str, int]) -> None:
+    assert origin(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://host/x", "https:///path", "https://host:port/", "/relative"]
+)
+def test_no_origin_without_an_http_scheme_and_a_host(url: str) -> None:
+    with pytest.raises(RedirectRefused):
+        origin(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "location", "expected"),
+    [
+        # Relative locations resolve against the URL asked.
+        ("https://r.example/v2/a/blobs/x", "/storage/1", "https://r.example/storage/1"),
+        ("https://r.example/v2/a/blobs/x", "y", "https://r.example/v2/a/blobs/y"),
+        # Anywhere over HTTPS, and anywhere from plain HTTP.
+        ("https://r.example/v2/", "https://s3.example/b?sig=1", "https://s3.example/b?sig=1"),
+        ("http://r.example/v2/", "https://s3.example/b", "https://s3.example/b"),
+        ("http://r.example/v2/", "http://s3.example/b", "http://s3.example/b"),
+    ],
+)  # fmt: skip
+def test_redirect_targets(url: str, location: str, expected: str) -> None:
+    assert redirect_target(url, location) == expected
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://r.example/v2/a/blobs/x",  # the same host and port, in clear
+        "http://r.example:443/v2/a/blobs/x",
+        "http://s3.example/b?X-Amz-Signature=secret",
+        "ftp://s3.example/b",
+        "https://:443/no-host",
+    ],
+)
+def test_redirects_down_from_https_or_nowhere_are_refused(location: str) -> None:
+    with pytest.raises(RedirectRefused) as refused:
+        redirect_target("https://r.example/v2/a/blobs/x", location)
+    # A signed storage URL's query may be a credential: never in the message.
+    assert "secret" not in str(refused.value)

@@ -6,6 +6,13 @@ password"; ``Bearer`` (the Docker token flow) names a token endpoint
 (``realm``), a ``service`` and a ``scope``, and the client trades its
 credentials there for a short-lived token. This module parses challenges and
 token responses and keeps the tokens, one per scope, until they expire.
+
+It also decides what a redirect may carry. A registry's credentials
+belong to its origin (scheme, host and port, RFC 6454): a redirect to
+blob storage, or to the same host on another scheme or port, travels
+without them, and a redirect from HTTPS down to plain HTTP is refused,
+since whatever the request carries would then cross the network in
+clear.
 """
 
 from __future__ import annotations
@@ -15,15 +22,19 @@ import email.utils
 import json
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
 
 __all__ = [
     "Challenge",
     "Credentials",
+    "RedirectRefused",
     "TokenCache",
     "basic_authorization",
+    "origin",
     "parse_challenge",
     "parse_retry_after",
     "parse_token_response",
+    "redirect_target",
 ]
 
 _PARAM_RE = re.compile(
@@ -33,6 +44,12 @@ _PARAM_RE = re.compile(
 _DEFAULT_TOKEN_LIFETIME = 60.0
 # Renew a little before the registry would refuse the token.
 _EXPIRY_MARGIN = 10.0
+# The longest Retry-After believed. A registry or a proxy in front of it
+# that names hours (or a date years ahead) would otherwise block the
+# upstream for that long; a few minutes is long enough for a throttled
+# registry to recover, short enough that a mistake heals by itself.
+MAX_RETRY_AFTER = 300.0
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -114,19 +131,68 @@ def parse_retry_after(header: str | None, now: float) -> float:
     """Seconds to wait from a ``Retry-After`` header (delta or HTTP date).
 
     Returns:
-        The delay, at least 1 second; 1 second when the header is absent
-        or unreadable, so a 429 is never retried at once.
+        The delay, between 1 second and :data:`MAX_RETRY_AFTER`; 1 second
+        when the header is absent or unreadable, so a 429 is never retried
+        at once.
     """
-    if header:
-        text = header.strip()
-        if text.isdigit():
-            return max(1.0, float(text))
+    delay = 1.0
+    text = (header or "").strip()
+    if text.isdigit():
+        delay = float(text)
+    elif text:
         try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return 1.0
-        return max(1.0, when.timestamp() - now)
-    return 1.0
+            delay = email.utils.parsedate_to_datetime(text).timestamp() - now
+        except (TypeError, ValueError, OverflowError):
+            delay = 1.0
+    return min(MAX_RETRY_AFTER, max(1.0, delay))
+
+
+class RedirectRefused(ValueError):
+    """A redirect the mirror will not follow (HTTPS down to HTTP, not HTTP)."""
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """The origin of ``url``: scheme, lower-case host and port (RFC 6454).
+
+    Returns:
+        ``(scheme, host, port)``, the port filled in from the scheme.
+
+    Raises:
+        RedirectRefused: The URL has no host or a port that is no number.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    except ValueError:
+        port = 0
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or not port:
+        raise RedirectRefused(f"not an http(s) URL with a host: {_redacted(url)}")
+    return scheme, parts.hostname.lower().rstrip("."), port
+
+
+def redirect_target(url: str, location: str) -> str:
+    """The absolute URL a ``Location`` header sends a request for ``url`` to.
+
+    Raises:
+        RedirectRefused: It leads from HTTPS to plain HTTP, or nowhere a
+            client can go.
+    """
+    target = urljoin(url, location.strip())
+    scheme = origin(target)[0]
+    if origin(url)[0] == "https" and scheme != "https":
+        raise RedirectRefused(
+            f"redirect from HTTPS to {scheme.upper()} refused: {_redacted(target)}"
+        )
+    return target
+
+
+def _redacted(url: str) -> str:
+    """``url`` without user info or query: signed storage URLs carry
+    credentials in their query string."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 class TokenCache:

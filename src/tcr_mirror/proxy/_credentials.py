@@ -6,6 +6,12 @@ a shared node secret. The node asks again every ``refresh`` seconds, and
 sooner when the token nears its expiry, so a renewed token is picked up
 without a restart. While the control plane cannot be reached, the last
 credentials are used until they expire.
+
+The daemon runs :meth:`ControlPlaneCredentials.keep_fresh` beside the
+mirror, so renewals happen in the background: no pull waits for the
+control plane (which may stall for its whole timeout) while the
+credentials in hand are valid. Without it, the first caller past the
+refresh time renews, and callers meanwhile get the current credentials.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class ControlPlaneCredentials:
         node_secret: The shared secret sent as a bearer token.
         refresh: Longest time to keep credentials without asking again.
         retry: Time to wait before asking again after a failure.
+        ca_file: CA certificates to trust besides the system's.
+        timeout: How long one request to the control plane may take.
     """
 
     def __init__(
@@ -51,6 +59,7 @@ class ControlPlaneCredentials:
         refresh: float = 30.0,
         retry: float = _RETRY_AFTER_FAILURE,
         ca_file: Path | None = None,
+        timeout: float = 5.0,
     ) -> None:
         self._url = url.rstrip("/") + "/v1/credentials"
         self._registry = registry
@@ -61,9 +70,10 @@ class ControlPlaneCredentials:
         self._expires_at = 0.0
         self._refresh_at = 0.0
         self._lock = trio.Lock()
+        self._kept_fresh = False
         # The control plane is the node's neighbour: never through a proxy.
         self._client = httpx.AsyncClient(
-            timeout=5.0, verify=tls_context(ca_file), trust_env=False
+            timeout=timeout, verify=tls_context(ca_file), trust_env=False
         )
 
     def __repr__(self) -> str:
@@ -75,9 +85,19 @@ class ControlPlaneCredentials:
     async def credentials(self) -> Credentials | None:
         """The current credentials, fetched again when due.
 
+        Waits for the control plane only when there are no valid
+        credentials, or when they are due for renewal, nobody renews them
+        in the background, and no other caller is renewing them already.
+
         Raises:
             UpstreamUnavailable: No valid credentials could be had.
         """
+        current = self._current
+        if current is not None and time.time() < self._expires_at:
+            due = trio.current_time() >= self._refresh_at
+            if self._kept_fresh or not due or self._lock.locked():
+                await trio.lowlevel.checkpoint()
+                return current
         async with self._lock:
             if trio.current_time() >= self._refresh_at:
                 await self._renew()
@@ -86,6 +106,18 @@ class ControlPlaneCredentials:
                     f"no credentials for {self._registry} from the control plane"
                 )
             return self._current
+
+    async def keep_fresh(self) -> None:
+        """Renew the credentials whenever they are due, until cancelled."""
+        self._kept_fresh = True
+        try:
+            while True:
+                async with self._lock:
+                    if trio.current_time() >= self._refresh_at:
+                        await self._renew()
+                await trio.sleep_until(self._refresh_at)
+        finally:
+            self._kept_fresh = False
 
     async def _renew(self) -> None:
         try:

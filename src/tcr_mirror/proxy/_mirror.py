@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import trio
 
 from tcr_mirror.proxy._errors import (
     BlobUnknown,
@@ -88,6 +89,13 @@ class Upstreams:
         if upstream is None:
             raise Denied(f"registry {namespace!r} is not on this mirror's allow-list")
         return upstream
+
+    async def keep_credentials_fresh(self) -> None:
+        """Renew every upstream's credentials in the background until
+        cancelled (see :meth:`Upstream.keep_credentials_fresh`)."""
+        async with trio.open_nursery() as nursery:
+            for upstream in self._by_key.values():
+                nursery.start_soon(upstream.keep_credentials_fresh)
 
     async def aclose(self) -> None:
         for upstream in self._by_key.values():

@@ -146,6 +146,37 @@ class _BlockingSocket:
         self._sock.close()
 
 
+class _Dial:
+    """The socket a worker thread is connecting, which the loop may abort.
+
+    Each step of a connect is bounded by the socket's timeout, but a proxy
+    or a TLS server sending one byte just within it per read would hold a
+    step for ever; the caller's deadline aborts the socket from outside.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._aborted = False
+
+    def opened(self, sock: socket.socket) -> None:
+        """Runs in the worker thread; raises if the dial was aborted."""
+        with self._lock:
+            self._sock = sock
+            aborted = self._aborted
+        if aborted:
+            raise TimeoutError("connecting took too long")
+
+    def abort(self) -> None:
+        """Wake the worker thread's blocked send or receive. Any thread."""
+        with self._lock:
+            self._aborted = True
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def _connect(
     host: str,
     port: int,
@@ -153,12 +184,15 @@ def _connect(
     connect_timeout: float,
     read_timeout: float,
     proxy: HttpProxy | None = None,
+    dial: _Dial | None = None,
 ) -> _BlockingSocket:
     """Runs in a worker thread: connect (through the proxy's tunnel for
     HTTPS) and finish the TLS handshake."""
     address = (host, port) if proxy is None else (proxy.host, proxy.port)
     raw = socket.create_connection(address, timeout=connect_timeout)
     try:
+        if dial is not None:
+            dial.opened(raw)
         if proxy is not None and context is not None:
             _open_tunnel(raw, TunnelOpening(proxy, host, port))
         if context is not None:
@@ -190,11 +224,14 @@ def _open_tunnel(sock: socket.socket, opening: TunnelOpening) -> None:
         pass
 
 
-async def _connect_in_thread(connect: Callable[[], _BlockingSocket]) -> _BlockingSocket:
+async def _connect_in_thread(
+    connect: Callable[[], _BlockingSocket], dial: _Dial | None = None
+) -> _BlockingSocket:
     """Run ``connect`` in a worker thread, left behind if the caller is cancelled.
 
     The thread then closes the socket it made itself, so a cancelled
-    connect leaks nothing.
+    connect leaks nothing; ``dial``, if given, is aborted so that the
+    thread ends at once rather than at its next timeout.
     """
     lock = threading.Lock()
     abandoned = False
@@ -220,6 +257,8 @@ async def _connect_in_thread(connect: Callable[[], _BlockingSocket]) -> _Blockin
             abandoned = True
             if result and isinstance(result[0], outcome.Value):
                 result[0].value.close()
+        if dial is not None:
+            dial.abort()
         raise
     return result[0].unwrap()
 
@@ -365,10 +404,15 @@ async def raw_get(
     With ``proxy``, an ``https`` URL is fetched through a ``CONNECT``
     tunnel, an ``http`` one by sending the proxy the absolute URL.
 
+    Opening the connection (TCP, the proxy's ``CONNECT``, TLS) takes at
+    most twice ``connect_timeout`` in all; reading the head at most
+    ``read_timeout``.
+
     Raises:
         OSError: The connection could not be made (``ssl.SSLError`` for a
             failed handshake, ``TimeoutError`` for one that took too long).
-        trio.TooSlowError: Reading the head took too long.
+        trio.TooSlowError: Opening the connection or reading the head took
+            too long.
         h11.ProtocolError: The upstream did not answer in HTTP/1.1.
     """
     parts = urlsplit(url)
@@ -377,11 +421,12 @@ async def raw_get(
     context = None
     if parts.scheme == "https":
         context = ssl_context or ssl.create_default_context()
-    transport = await _connect_in_thread(
-        functools.partial(
-            _connect, host, port, context, connect_timeout, read_timeout, proxy
-        )
+    dial = _Dial()
+    connect = functools.partial(
+        _connect, host, port, context, connect_timeout, read_timeout, proxy, dial
     )
+    with trio.fail_after(2 * connect_timeout):
+        transport = await _connect_in_thread(connect, dial)
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

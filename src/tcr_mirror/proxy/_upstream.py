@@ -3,10 +3,21 @@
 It speaks the pull API to a real registry with whatever the registry asks
 for: nothing, Basic credentials, or the Docker token flow (tokens cached per
 scope). Redirects to blob storage are followed by hand so that the
-``Authorization`` header never travels to another host. A ``429`` is
-respected: a short ``Retry-After`` is waited out once, a longer one blocks
-the upstream until then and is passed on to the client, so a throttled
-registry is not hammered by every node's retries.
+``Authorization`` header never leaves the registry's origin, and only the
+registry's own answers are taken as its word: a ``401`` from blob storage
+is no challenge to send the registry's credentials to, and a ``429`` from
+blob storage blocks nothing. A ``429`` from the registry is respected: a
+short ``Retry-After`` is waited out once, a longer one (at most a few
+minutes) blocks the upstream until then and is passed on to the client, so
+a throttled registry is not hammered by every node's retries.
+
+Concurrent first pulls of a repository share one token request, and a
+token still valid is used without asking the credential source, so a
+control plane that stalls costs nothing while the tokens it paid for last.
+
+Opening a connection (TCP, a proxy's ``CONNECT``, TLS) is bounded as a
+whole, and so is waiting for a response head: a peer that trickles one
+byte at a time cannot hold a pull past its timeouts.
 """
 
 from __future__ import annotations
@@ -16,9 +27,9 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
 
 import h11
 import httpx
@@ -27,11 +38,14 @@ import trio
 from tcr_mirror.proxy._auth import (
     Challenge,
     Credentials,
+    RedirectRefused,
     TokenCache,
     basic_authorization,
+    origin,
     parse_challenge,
     parse_retry_after,
     parse_token_response,
+    redirect_target,
 )
 from tcr_mirror.proxy._config import tls_context
 from tcr_mirror.proxy._errors import (
@@ -45,6 +59,7 @@ from tcr_mirror.proxy._errors import (
 from tcr_mirror.proxy._httpproxy import HttpProxy, ProxyPolicy, ProxyRefused
 from tcr_mirror.proxy._metrics import MirrorMetrics
 from tcr_mirror.proxy._rawget import RawResponse, raw_get
+from tcr_mirror.proxy._singleflight import SingleFlight
 
 __all__ = [
     "CredentialSource",
@@ -73,6 +88,13 @@ class CredentialSource(Protocol):
         """Return the current credentials, or None to stay anonymous."""
         ...
 
+    async def keep_fresh(self) -> None:
+        """Renew the credentials in the background until cancelled.
+
+        Returns at once for a source with nothing to renew.
+        """
+        ...
+
 
 class StaticCredentials:
     """Credentials fixed at start-up (config file or credentials file)."""
@@ -83,13 +105,27 @@ class StaticCredentials:
     async def credentials(self) -> Credentials | None:
         return self._credentials
 
+    async def keep_fresh(self) -> None:
+        await trio.lowlevel.checkpoint()
+
 
 class UpstreamTimeouts:
-    """Connect and read timeouts, in seconds."""
+    """Connect and read timeouts, in seconds.
+
+    ``connect`` bounds each step of opening a connection (reaching the
+    host or the proxy; then the ``CONNECT`` and TLS handshakes), and twice
+    it bounds them together. ``read`` bounds each wait for bytes, and with
+    the connection's bound, the whole wait for a response head.
+    """
 
     def __init__(self, connect: float = 5.0, read: float = 30.0) -> None:
         self.connect = connect
         self.read = read
+
+    @property
+    def head(self) -> float:
+        """The longest a request may take until its response head is in."""
+        return 2 * self.connect + self.read
 
     def as_httpx(self) -> httpx.Timeout:
         return httpx.Timeout(self.read, connect=self.connect, pool=self.connect)
@@ -143,8 +179,10 @@ class Upstream:
         # always take the same path.
         self._clients: dict[HttpProxy | None, httpx.AsyncClient] = {}
         self._tokens = TokenCache()
+        self._token_requests: SingleFlight[str | None] = SingleFlight()
         self._challenge: Challenge | None = None
         self._blocked_until = 0.0
+        self._origin = origin(self.base_url)
 
     def __repr__(self) -> str:
         return f"Upstream(key={self.key!r}, base_url={self.base_url!r})"
@@ -170,6 +208,12 @@ class Upstream:
                 else httpx.Proxy(proxy.url, headers=proxy.headers()),
             )
         return client
+
+    async def keep_credentials_fresh(self) -> None:
+        """Renew this upstream's credentials in the background until
+        cancelled; returns at once when they need no renewing."""
+        if self._credentials is not None:
+            await self._credentials.keep_fresh()
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -243,8 +287,11 @@ class Upstream:
                 request_headers["Authorization"] = authorization
             url = self.base_url + path
             response = await self._follow(method, url, request_headers, params, raw)
+            # Only the registry's own answers speak for it; blob storage
+            # behind a redirect has its own signed URLs and its own limits.
+            from_registry = origin(str(response.url)) == self._origin
 
-            if response.status_code == 401 and not answered_challenge:
+            if response.status_code == 401 and from_registry and not answered_challenge:
                 challenge = parse_challenge(
                     response.headers.get("www-authenticate", "")
                 )
@@ -267,7 +314,8 @@ class Upstream:
                     await trio.sleep(delay)
                     waited = True
                     continue
-                self._blocked_until = trio.current_time() + delay
+                if from_registry:
+                    self._blocked_until = trio.current_time() + delay
             return response
 
     def _check_not_blocked(self) -> None:
@@ -286,7 +334,6 @@ class Upstream:
         params: Mapping[str, str] | None,
         raw: bool,
     ) -> httpx.Response | RawResponse:
-        origin = urlsplit(url).netloc
         for _ in range(_MAX_REDIRECTS + 1):
             started = trio.current_time()
             response: httpx.Response | RawResponse
@@ -303,12 +350,19 @@ class Upstream:
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
                 return response
             await response.aclose()
-            url = urljoin(str(response.url), location)
+            try:
+                url = redirect_target(str(response.url), location)
+                leaves_origin = origin(url) != self._origin
+            except RedirectRefused as exc:
+                raise UpstreamUnavailable(f"upstream {self.key}: {exc}") from None
             params = None
-            if urlsplit(url).netloc != origin:
+            if leaves_origin:
                 # Blob storage has its own signed URL; our credentials are
-                # for the registry alone.
-                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+                # for the registry alone, and stay dropped for every later
+                # hop of this chain.
+                headers = {
+                    k: v for k, v in headers.items() if k.lower() != "authorization"
+                }
         raise UpstreamUnavailable(f"upstream {self.key} redirected too many times")
 
     async def _httpx_send(
@@ -321,8 +375,11 @@ class Upstream:
         client = self._client_for(url)
         request = client.build_request(method, url, headers=headers, params=params)
         try:
-            return await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
+            # httpx bounds each read, so a proxy or registry that trickles
+            # its head a byte at a time would hold the request for ever.
+            with trio.fail_after(self._timeouts.head):
+                return await client.send(request, stream=True)
+        except (httpx.TimeoutException, trio.TooSlowError) as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
         except httpx.ProxyError as exc:
             # httpx says what the proxy answered: a status, never credentials.
@@ -365,10 +422,10 @@ class Upstream:
         challenge = self._challenge
         if challenge is None:
             return None
-        credentials = await self._current_credentials()
         if challenge.scheme == "basic":
+            credentials = await self._current_credentials()
             return basic_authorization(credentials) if credentials else None
-        token = await self._bearer_token(challenge, scope, credentials)
+        token = await self._bearer_token(challenge, scope)
         return f"Bearer {token}" if token else None
 
     async def _current_credentials(self) -> Credentials | None:
@@ -380,37 +437,50 @@ class Upstream:
     def _token_key(challenge: Challenge, scope: str) -> tuple[str, str, str]:
         return (challenge.realm, challenge.params.get("service", ""), scope)
 
-    async def _bearer_token(
-        self, challenge: Challenge, scope: str, credentials: Credentials | None
-    ) -> str | None:
-        service = challenge.params.get("service", "")
+    async def _bearer_token(self, challenge: Challenge, scope: str) -> str | None:
+        # The cache is asked before the credential source, which may have
+        # to ask the control plane: a valid token needs no credentials.
         key = self._token_key(challenge, scope)
         token = self._tokens.get(key, trio.current_time())
         if token is not None:
             return token
+        fetch = partial(self._fetch_token, challenge, scope, key)
+        return await self._token_requests.do(key, fetch)
 
+    async def _fetch_token(
+        self, challenge: Challenge, scope: str, key: tuple[str, str, str]
+    ) -> str | None:
+        """Trade the credentials for a token at the challenge's realm.
+
+        Returns:
+            The token, or None when the endpoint refused: the request then
+            goes without one and the registry's own 401 or 403 is answered.
+
+        Raises:
+            UpstreamUnavailable: The endpoint is unreachable, failed, or
+                answered no token.
+            TooManyRequests: The endpoint is rate limiting.
+        """
+        credentials = await self._current_credentials()
         params = {"scope": scope}
+        service = challenge.params.get("service", "")
         if service:
             params["service"] = service
         headers = (
             {"Authorization": basic_authorization(credentials)} if credentials else {}
         )
         try:
-            response = await self._client_for(challenge.realm).get(
-                challenge.realm, params=params, headers=headers
-            )
-        except httpx.HTTPError as exc:
+            with trio.fail_after(self._timeouts.head):
+                response = await self._client_for(challenge.realm).get(
+                    challenge.realm, params=params, headers=headers
+                )
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
             reason = type(exc).__name__
             raise UpstreamUnavailable(
                 f"token endpoint of upstream {self.key} unreachable: {reason}"
             ) from exc
         if response.status_code != 200:
-            # The registry will answer the unauthenticated request with its
-            # own 401 or 403, which the caller maps for the client.
-            logger.info(
-                "upstream_token_refused",
-                extra={"upstream": self.key, "status": response.status_code},
-            )
+            self._token_refused(response)
             return None
         try:
             token, renew_at = parse_token_response(
@@ -422,6 +492,23 @@ class Upstream:
             ) from exc
         self._tokens.put(key, token, renew_at)
         return token
+
+    def _token_refused(self, response: httpx.Response) -> None:
+        """Raise for a token endpoint that failed; log one that said no.
+
+        A failing endpoint is the upstream being unavailable (tags are then
+        served stale), not the client's credentials being wrong.
+        """
+        status = response.status_code
+        if status == 429:
+            raise status_error(response, "a token", self.key)
+        if status >= 500:
+            raise UpstreamUnavailable(
+                f"token endpoint of upstream {self.key} answered {status}"
+            )
+        logger.info(
+            "upstream_token_refused", extra={"upstream": self.key, "status": status}
+        )
 
 
 class ResponseHead(Protocol):
