@@ -97,12 +97,110 @@ def test_bad_toml(tmp_path: Path) -> None:
         ("colour = 'blue'", "unknown config key"),
         ("upstreams = 5", "array of tables"),
         ("[[upstreams]]\nurl = 'http://x'\nuser = 'a'", "unknown upstream key"),
-        ("tag_ttl = -1", "non-negative"),
+        ("tag_ttl = 'soon'", "tag_ttl must be a number of seconds"),
     ):
         path = tmp_path / "bad.toml"
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             NodeConfig.from_toml(path)
+
+
+UPSTREAM = '[[upstreams]]\nurl = "http://127.0.0.1:5001"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('log_level = "loud"', "log_level must be one of debug, info, warning, error"),
+        ("log_level = 3", "log_level must be a non-empty string"),
+        ("max_store_bytes = inf", "max_store_bytes must be a size"),
+        ("max_store_bytes = nan", "max_store_bytes must be a size"),
+        ('max_store_bytes = "inf"', "max_store_bytes must be a size"),
+        ('max_store_bytes = "nan GiB"', "max_store_bytes must be a size"),
+        ('max_store_bytes = "1e400"', "max_store_bytes must be a size"),
+        ("tag_ttl = nan", r"tag_ttl \(--tag-ttl\) must be a finite number"),
+        ("tag_ttl = -1", r"tag_ttl \(--tag-ttl\) must be .* 0 or more, got -1"),
+        ("connect_timeout = inf", "connect_timeout .* must be a finite number"),
+        ("connect_timeout = 0", "connect_timeout .* more than 0, got 0"),
+        ("read_timeout = -inf", "read_timeout .* must be a finite number"),
+        ("read_timeout = -2.5", "read_timeout .* got -2.5"),
+        ("credentials_refresh = nan", "credentials_refresh .* finite number"),
+        ("drain_timeout = -1", "drain_timeout .* finite number"),
+        ("drain_timeout = true", "drain_timeout must be a number of seconds"),
+        ("store_high_watermark = nan", "watermarks must satisfy"),
+        (UPSTREAM + 'default = "false"', "default must be true or false, got 'false'"),
+        (UPSTREAM + "default = 1", "default must be true or false, got 1"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_key(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    path = tmp_path / "node.toml"
+    # Each document has an upstream, so only the value under test is wrong.
+    path.write_text(toml if "[[upstreams]]" in toml else f"{toml}\n{UPSTREAM}")
+    with pytest.raises(ConfigError, match=message) as raised:
+        config_from(["--config", str(path)])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tag-ttl", "nan"], r"tag_ttl \(--tag-ttl\) must be a finite number"),
+        (["--read-timeout", "inf"], r"\(--read-timeout\) must be a finite number"),
+        (["--connect-timeout", "-1"], r"\(--connect-timeout\) must be a finite"),
+        (["--credentials-refresh", "0"], r"\(--credentials-refresh\) .* more than 0"),
+        (["--drain-timeout", "nan"], r"\(--drain-timeout\) must be a finite number"),
+        (["--max-store-bytes", "inf"], "--max-store-bytes must be a size"),
+        (["--max-store-bytes", "1e400GiB"], "--max-store-bytes must be a size"),
+    ],
+)
+def test_bad_flag_values_are_refused(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from(["--upstream", "http://127.0.0.1:5001", *flags])
+
+
+def test_an_upstream_without_default_is_not_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f"{UPSTREAM}default = false\n")
+    assert config_from(["--config", str(path)]).default_upstream is None
+
+
+def test_rules_spanning_file_and_flags_are_checked_once_merged(
+    tmp_path: Path,
+) -> None:
+    # The file's upstream takes credentials from the control plane, whose
+    # secret is a flag; the file's no_proxy goes with the --proxy flag.
+    secret = tmp_path / "node.secret"
+    secret.write_text("shared-secret\n")
+    path = tmp_path / "node.toml"
+    path.write_text(
+        'no_proxy = ["internal.example"]\n'
+        f'{UPSTREAM}default = true\ncredentials_url = "http://127.0.0.1:8700"\n'
+    )
+    config = config_from(
+        ["--config", str(path), "--node-secret-file", str(secret),
+         "--proxy", "http://proxy.internal:3128"]
+    )  # fmt: skip
+    assert config.node_secret == "shared-secret"
+    default = config.default_upstream
+    assert default is not None
+    assert default.credentials_url == "http://127.0.0.1:8700"
+    assert config.no_proxy == ("internal.example",)
+    # Without the flags the same file is refused, once merged.
+    with pytest.raises(ConfigError, match="credentials_url needs a node secret"):
+        config_from(["--config", str(path), "--proxy", "http://proxy.internal:3128"])
+
+
+def test_the_drain_timeout_and_log_level_from_file_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f'drain_timeout = 2.5\nlog_level = "WARNING"\n{UPSTREAM}')
+    config = config_from(["--config", str(path)])
+    assert (config.drain_timeout, config.log_level) == (2.5, "warning")
+    assert (
+        config_from(["--config", str(path), "--drain-timeout", "0"]).drain_timeout == 0
+    )
+    assert NodeConfig().drain_timeout == 10.0
 
 
 @pytest.mark.parametrize(
@@ -116,6 +214,18 @@ def test_bad_toml(tmp_path: Path) -> None:
 )
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_a_size_that_overflows_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tcr_mirror", "node", "--upstream", "http://x",
+         "--data-dir", str(tmp_path), "--max-store-bytes", "inf"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "tcr-mirror: error: --max-store-bytes must be a size such as 50GiB, got 'inf'\n"
+    )
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path: Path) -> None:
@@ -137,5 +247,6 @@ def test_help_explains_every_option() -> None:
     )  # fmt: skip
     options = "--listen --data-dir --upstream --credentials-file --metrics-listen"
     options += " --max-store-bytes --credentials-url --proxy --no-proxy"
+    options += " --drain-timeout"
     for option in options.split():
         assert option in result.stdout

@@ -153,7 +153,78 @@ def test_no_proxy_entries(no_proxy: str, url: str, direct: bool) -> None:
 
 def test_a_bad_proxy_variable_names_itself() -> None:
     with pytest.raises(ValueError, match="^HTTPS_PROXY in the environment: proxy"):
-        ProxyPolicy.from_environment({"HTTPS_PROXY": "socks5://proxy:1080"})
+        ProxyPolicy.from_environment({"HTTPS_PROXY": "http://proxy:99999"})
+    with pytest.raises(ValueError, match="^HTTP_PROXY in the environment: proxy"):
+        ProxyPolicy.from_environment({"http_proxy": "ftp://proxy:21"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable", "applies_to", "scheme"),
+    [
+        ({"HTTPS_PROXY": "socks5://u:s3cret@proxy:1080"}, "HTTPS_PROXY", "https",
+         "socks5"),
+        ({"https_proxy": "https://u:s3cret@proxy:3129"}, "https_proxy", "https",
+         "https"),
+        ({"HTTP_PROXY": "SOCKS5H://u:s3cret@proxy:1080"}, "HTTP_PROXY", "http",
+         "socks5h"),
+        ({"http_proxy": "https://proxy:3129/"}, "http_proxy", "http", "https"),
+    ],
+)  # fmt: skip
+def test_a_proxy_that_is_not_http_is_set_aside_not_refused(
+    environ: dict[str, str], variable: str, applies_to: str, scheme: str
+) -> None:
+    policy = ProxyPolicy.from_environment(environ)
+    (ignored,) = policy.ignored
+    assert (ignored.variable, ignored.applies_to, ignored.scheme) == (
+        variable,
+        applies_to,
+        scheme,
+    )
+    assert ignored.address.startswith("proxy:")
+    assert "s3cret" not in repr(policy)
+    url = f"{applies_to}://tcr.example/v2/"
+    assert policy.for_url(url) is None
+    assert policy.ignored_for(url) == ignored
+    # This host and NO_PROXY are direct for Go too: nothing is given up.
+    assert policy.ignored_for(f"{applies_to}://127.0.0.1:5000/v2/") is None
+    excepted = ProxyPolicy.from_environment({**environ, "no_proxy": "tcr.example"})
+    assert excepted.ignored_for(url) is None
+    other = "https" if applies_to == "http" else "http"
+    assert policy.ignored_for(f"{other}://tcr.example/v2/") is None
+
+
+def test_an_http_proxy_beside_a_set_aside_one_is_still_used() -> None:
+    policy = ProxyPolicy.from_environment(
+        {"HTTPS_PROXY": "socks5://proxy:1080", "HTTP_PROXY": "http://plain:3128"}
+    )
+    assert policy.for_url("http://tcr.example/") == HttpProxy("plain", 3128)
+    assert [i.variable for i in policy.ignored] == ["HTTPS_PROXY"]
+
+
+def test_a_set_aside_proxy_stops_the_start_only_for_an_upstream_needing_it(
+    tmp_path: Path,
+) -> None:
+    environ = {"HTTPS_PROXY": "socks5://u:s3cret@proxy:1080", "NO_PROXY": "near"}
+    direct = config_from(
+        ["--upstream", "https://127.0.0.1:5001", "--upstream", "n=https://near"]
+    )
+    assert direct.proxy_policy(environ).ignored
+    needing = config_from(
+        ["--upstream", "https://127.0.0.1:5001", "--upstream", "far=https://far"]
+    )
+    with pytest.raises(ConfigError) as raised:
+        needing.proxy_policy(environ)
+    message = str(raised.value)
+    assert message.startswith("HTTPS_PROXY in the environment names a socks5://")
+    assert "upstream far would go through it" in message
+    assert "s3cret" not in message
+    # A proxy the operator configured is used instead of the environment's.
+    configured = config_from(
+        ["--upstream", "https://far", "--proxy", "http://proxy.internal:3128"]
+    )
+    assert configured.proxy_policy(environ).for_url("https://far/") == HttpProxy(
+        "proxy.internal", 3128
+    )
 
 
 def test_connect_request_carries_the_target_and_the_credentials() -> None:
@@ -270,7 +341,9 @@ def run_node(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
         (["--proxy", "http://alice:s3cret@proxy:3128"], None,
          "put proxy credentials in the config file or HTTPS_PROXY"),
         (["--proxy", "socks5://proxy:1080"], None, "proxy URL must be"),
+        (["--proxy", "https://proxy:3129"], None, "proxy URL must be"),
         ([], "socks5://alice:s3cret@proxy:1080", "HTTPS_PROXY in the environment"),
+        ([], "https://alice:s3cret@proxy:3129", "tcr-mirror cannot use"),
     ],
 )  # fmt: skip
 def test_cli_proxy_errors_are_one_line_without_the_password(

@@ -606,6 +606,27 @@ def test_metrics_health_and_request_logs(
     assert {e["status"] for e in requests} == {200, 400}
 
 
+def test_request_metrics_keep_methods_to_get_head_and_other(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    node = node_factory("--upstream", registry.url, "--metrics-listen", "127.0.0.1:0")
+    address = next(
+        e["address"] for e in node.events() if e.get("event") == "metrics_listening"
+    )
+    invented = [f"X{index}" for index in range(20)] + ["PUT", "OPTIONS"]
+    with httpx.Client(base_url=node.url) as client:
+        for method in ["GET", "HEAD", *invented]:
+            assert client.request(method, "/v2/").status_code in (200, 405)
+    scraped = httpx.get(f"http://{address}/metrics").text
+    by_method: dict[str, float] = {}
+    for family in text_string_to_metric_families(scraped):
+        for sample in family.samples:
+            if sample.name == "tcr_mirror_requests_total":
+                method = sample.labels["method"]
+                by_method[method] = by_method.get(method, 0) + sample.value
+    assert by_method == {"GET": 1, "HEAD": 1, "other": len(invented)}
+
+
 def test_empty_blob(registry: Registry, node: NodeProcess) -> None:
     image = push_image(registry, "app", "empty", layers=[b""])
     digest = image.layers[0][0]
@@ -646,3 +667,33 @@ def test_a_proxy_in_the_environment_is_not_used_for_a_loopback_upstream(
             assert client.get(f"/v2/team/app/blobs/{digest}").content == data
     finally:
         dead.close()
+
+
+def test_a_proxy_variable_the_node_cannot_use_is_a_warning_when_unneeded(
+    registry: Registry, node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A machine-wide SOCKS or HTTPS proxy must not keep a node whose
+    # upstreams never go through it (here: on this host) from starting.
+    image = push_image(registry, "team/app", "v1", layer_sizes=(2048,))
+    variables = {
+        "HTTPS_PROXY": "socks5://alice:s3cret@127.0.0.1:1080",
+        "http_proxy": "https://alice:s3cret@127.0.0.1:3129",
+    }
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    try:
+        node = node_factory("--upstream", registry.url)
+    finally:
+        for name in variables:
+            monkeypatch.delenv(name)
+    with httpx.Client(base_url=node.url, trust_env=False) as client:
+        manifest = client.get(
+            "/v2/team/app/manifests/v1", headers={"Accept": ALL_MANIFESTS}
+        )
+        assert manifest.content == image.manifest_bytes
+    ignored = [e for e in node.events() if e.get("event") == "proxy_variable_ignored"]
+    assert {(e["variable"], e["proxy_scheme"], e["level"]) for e in ignored} == {
+        ("HTTPS_PROXY", "socks5", "warning"),
+        ("http_proxy", "https", "warning"),
+    }
+    assert "s3cret" not in node.log_text()

@@ -6,6 +6,7 @@ Example ``node.toml``::
     data_dir = "/var/lib/tcr-mirror"
     metrics_listen = "127.0.0.1:9500"
     tag_ttl = 5.0
+    drain_timeout = 10.0          # on SIGTERM, let responses finish this long
     max_store_bytes = "50GiB"     # evict least recently used blobs past it
     store_high_watermark = 0.90   # start evicting at this share of the budget
     store_low_watermark = 0.80    # ...and stop at this one
@@ -29,10 +30,16 @@ line, so that secrets never appear in a process listing.
 
 Without ``proxy``, the environment's ``HTTPS_PROXY``, ``HTTP_PROXY`` and
 ``NO_PROXY`` apply, read as Go programs read them (see ``_httpproxy``).
+
+The file is parsed into a :class:`NodeConfig` with each value checked for
+its type; flags are merged over it, and only then is the whole checked once
+(:meth:`NodeConfig.validated`), because a rule may span both: an upstream's
+``credentials_url`` in the file needs the ``--node-secret-file`` flag.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -50,6 +57,7 @@ from tcr_mirror.proxy._httpproxy import (
 )
 
 __all__ = [
+    "LOG_LEVELS",
     "ConfigError",
     "NodeConfig",
     "UpstreamConfig",
@@ -58,6 +66,20 @@ __all__ = [
     "parse_size",
     "tls_context",
 ]
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Durations in seconds, and whether 0 makes sense: a tag TTL of 0 asks
+# upstream every time and a drain timeout of 0 stops at once, while a zero
+# timeout fails every upstream request and a zero refresh spins.
+_DURATIONS = {
+    "tag_ttl": True,
+    "drain_timeout": True,
+    "connect_timeout": False,
+    "read_timeout": False,
+    "credentials_refresh": False,
+}
 
 
 class ConfigError(ValueError):
@@ -80,6 +102,7 @@ class NodeConfig:
     upstreams: tuple[UpstreamConfig, ...] = ()
     metrics_listen: tuple[str, int] | None = None
     tag_ttl: float = 5.0
+    drain_timeout: float = 10.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     log_level: str = "info"
@@ -95,15 +118,39 @@ class NodeConfig:
     def proxy_policy(self, environ: Mapping[str, str]) -> ProxyPolicy:
         """Which HTTP proxy each upstream URL goes through.
 
+        A proxy variable naming a proxy that is not HTTP (``https://``,
+        ``socks5://``) is left out of the policy (see its ``ignored``) as
+        long as no upstream would go through it.
+
         Raises:
-            ConfigError: The environment names a proxy that is no URL.
+            ConfigError: The environment names a proxy that is no URL, or
+                one that is not HTTP for an upstream it would apply to.
         """
         if self.proxy is not None:
             return ProxyPolicy.configured(self.proxy, self.no_proxy)
         try:
-            return ProxyPolicy.from_environment(environ)
+            policy = ProxyPolicy.from_environment(environ)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # Go programs (containerd among them) speak https:// and socks5://
+        # proxies, so for them such a variable is not a mistake to skip: it
+        # is the road out. Going direct where containerd would take that
+        # proxy could fail in a closed network or bypass the operator's
+        # egress control, so that stops the start; a variable that none of
+        # the upstreams would use (all on this host or in NO_PROXY) is only
+        # a warning, as a machine-wide proxy setting should not keep a node
+        # from starting.
+        for up in self.upstreams:
+            ignored = policy.ignored_for(up.url)
+            if ignored is not None:
+                raise ConfigError(
+                    f"{ignored.variable} in the environment names a "
+                    f"{ignored.scheme}:// proxy ({ignored.address}), which "
+                    f"tcr-mirror cannot use, and upstream {up.namespace} would "
+                    "go through it: give --proxy http://HOST:PORT, or add the "
+                    "upstream to NO_PROXY"
+                )
+        return policy
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -111,6 +158,12 @@ class NodeConfig:
 
     @classmethod
     def from_toml(cls, path: Path) -> NodeConfig:
+        """Parse a config file; :meth:`validated` once flags are merged.
+
+        Raises:
+            ConfigError: The file is unreadable, no TOML, or has a key that
+                is unknown or of the wrong type.
+        """
         try:
             document = tomllib.loads(Path(path).read_text())
         except OSError as exc:
@@ -120,7 +173,7 @@ class NodeConfig:
         return cls().with_document(document)
 
     def with_document(self, document: dict[str, Any]) -> NodeConfig:
-        """Apply the keys of a parsed TOML document."""
+        """Apply the keys of a parsed TOML document, each checked for type."""
         changes: dict[str, Any] = {}
         for key, value in document.items():
             if key == "upstreams":
@@ -129,16 +182,14 @@ class NodeConfig:
                 changes[key] = parse_host_port(_str(key, value))
             elif key in ("data_dir", "ca_file"):
                 changes[key] = Path(_str(key, value))
-            elif key in ("tag_ttl", "connect_timeout", "read_timeout"):
+            elif key in _DURATIONS:
                 changes[key] = _seconds(key, value)
             elif key == "log_level":
-                changes[key] = _str(key, value)
+                changes[key] = _str(key, value).lower()
             elif key == "node_secret_file":
                 changes["node_secret"] = read_secret_file(Path(_str(key, value)))
-            elif key == "credentials_refresh":
-                changes[key] = _seconds(key, value)
             elif key == "max_store_bytes":
-                changes[key] = parse_size(value)
+                changes[key] = parse_size(value, key=key)
             elif key in ("store_high_watermark", "store_low_watermark"):
                 changes[key] = _fraction(key, value)
             elif key == "proxy":
@@ -147,25 +198,46 @@ class NodeConfig:
                 changes[key] = _no_proxy(value)
             else:
                 raise ConfigError(f"unknown config key {key!r}")
-        return replace(self, **changes).validated()
+        return replace(self, **changes)
 
     def validated(self) -> NodeConfig:
+        """This config, once every value and every rule between them holds.
+
+        Raises:
+            ConfigError: The first value or rule that does not hold.
+        """
+        self._check_values()
+        self._check_upstreams()
+        if self.no_proxy and self.proxy is None:
+            raise ConfigError("no_proxy needs proxy (or use NO_PROXY with HTTPS_PROXY)")
+        return self
+
+    def _check_values(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, "
+                f"got {self.log_level!r}"
+            )
+        for key, zero_allowed in _DURATIONS.items():
+            _check_duration(key, getattr(self, key), zero_allowed=zero_allowed)
+        if self.max_store_bytes is not None and self.max_store_bytes < 1:
+            raise ConfigError("max_store_bytes must be at least 1 byte")
+        # Written so that NaN, which compares false with everything, fails.
         if not 0 < self.store_low_watermark <= self.store_high_watermark <= 1:
             raise ConfigError("watermarks must satisfy 0 < low <= high <= 1")
+
+    def _check_upstreams(self) -> None:
         defaults = [up for up in self.upstreams if up.default]
         if len(defaults) > 1:
             raise ConfigError("more than one default upstream")
         if any(up.credentials_url for up in self.upstreams) and not self.node_secret:
             raise ConfigError("credentials_url needs a node secret (node_secret_file)")
-        if self.no_proxy and self.proxy is None:
-            raise ConfigError("no_proxy needs proxy (or use NO_PROXY with HTTPS_PROXY)")
         names = [up.namespace for up in self.upstreams]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
             raise ConfigError(
                 f"upstream namespace given twice: {sorted(duplicates)[0]}"
             )
-        return self
 
 
 _SIZE_UNITS = {
@@ -177,8 +249,13 @@ _SIZE_UNITS = {
 }  # fmt: skip
 
 
-def parse_size(value: Any) -> int:
-    """Parse a byte count: an integer, or a string such as ``"50GiB"``."""
+def parse_size(value: Any, *, key: str = "max_store_bytes") -> int:
+    """Parse a byte count: an integer, or a string such as ``"50GiB"``.
+
+    Raises:
+        ConfigError: Anything else, ``inf`` and ``nan`` too; the message
+            names ``key``.
+    """
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if isinstance(value, str):
@@ -186,12 +263,14 @@ def parse_size(value: Any) -> int:
         number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = _SIZE_UNITS.get(text[len(number) :])
         try:
-            size = float(number) * unit if unit else 0
+            size = float(number) * unit if unit else 0.0
         except ValueError:
-            size = 0
-        if size >= 1:
+            size = 0.0
+        # float() reads "inf" and "nan", and a long enough number overflows
+        # to inf, which int() cannot take.
+        if math.isfinite(size) and size >= 1:
             return int(size)
-    raise ConfigError(f"expected a size such as 50GiB, got {value!r}")
+    raise ConfigError(f"{key} must be a size such as 50GiB, got {value!r}")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -306,7 +385,7 @@ def _upstream_from_table(table: dict[str, Any]) -> UpstreamConfig:
     upstream = make_upstream(
         None if namespace is None else _str("namespace", namespace),
         _str("url", table.get("url")),
-        default=bool(table.get("default", False)),
+        default=_bool("default", table.get("default", False)),
         credentials=credentials,
     )
     if "credentials_url" in table:
@@ -335,6 +414,13 @@ def _no_proxy(value: Any) -> tuple[str, ...]:
     raise ConfigError("no_proxy must be a list of hosts, domains or networks")
 
 
+def _bool(key: str, value: Any) -> bool:
+    # TOML has true and false; the string "false" would be truthy.
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def _fraction(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key} must be a number between 0 and 1")
@@ -342,6 +428,16 @@ def _fraction(key: str, value: Any) -> float:
 
 
 def _seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{key} must be a non-negative number of seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
     return float(value)
+
+
+def _check_duration(key: str, value: float, *, zero_allowed: bool) -> None:
+    # The flag is named too: by now the value may have come from either.
+    names = f"{key} (--{key.replace('_', '-')})"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+        least = "0 or more" if zero_allowed else "more than 0"
+        raise ConfigError(
+            f"{names} must be a finite number of seconds, {least}, got {value!r}"
+        )

@@ -8,6 +8,14 @@ kernel's work runs on every core). A file body may belong to a blob still
 being fetched: then the sender waits for the fetch's progress, and if the
 fetch fails it closes the connection, so the client sees a body shorter
 than its declared length.
+
+A server can be drained (:meth:`HttpServer.drain`), for a stop that loses
+no body: it stops accepting, closes the connections waiting for a request
+and lets the responses in flight finish, each connection closing after its
+own. Waiting for a request is the only point at which a connection can be
+closed without cutting anything: a client whose request crosses the close
+sees the connection end before any byte of an answer, which HTTP clients
+retry for idempotent requests (RFC 9112, 9.3.1).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -99,6 +107,8 @@ class HttpServer:
             the source is ``upstream`` for a blob still being fetched and
             ``store`` otherwise.
         log_requests: Log each request at debug level (off for probes).
+        quiet_paths: Paths (without query) whose requests are never logged:
+            the probes, asked every few seconds.
     """
 
     def __init__(
@@ -107,10 +117,18 @@ class HttpServer:
         *,
         on_sent: Callable[[str, int], None] | None = None,
         log_requests: bool = True,
+        quiet_paths: Collection[str] = (),
     ) -> None:
         self._handler = handler
         self._on_sent = on_sent or _ignore
         self._log_requests = log_requests
+        self._quiet_paths = frozenset(quiet_paths)
+        self._draining = False
+        self._accepting = trio.CancelScope()
+        # One cancel scope per connection waiting for its next request.
+        self._waiting: set[trio.CancelScope] = set()
+        self._connections = 0
+        self._responding = 0
 
     async def serve(
         self,
@@ -120,15 +138,46 @@ class HttpServer:
             trio.TASK_STATUS_IGNORED
         ),
     ) -> None:
-        await trio.serve_listeners(
-            self._serve_connection, listeners, task_status=task_status
-        )
+        """Serve until cancelled, or until a :meth:`drain` has finished.
+
+        A server serves once. Reports the listeners through ``task_status``.
+        """
+        async with trio.open_nursery() as connections:
+            with self._accepting:
+                await trio.serve_listeners(
+                    self._serve_connection,
+                    listeners,
+                    handler_nursery=connections,
+                    task_status=task_status,
+                )
+            # Closed, so that connections are refused rather than left in
+            # the backlog of a server that will never accept them.
+            for listener in listeners:
+                await listener.aclose()
+
+    def drain(self) -> None:
+        """Stop accepting, close idle connections, finish the responses.
+
+        :meth:`serve` returns once the last response in flight is sent.
+        """
+        self._draining = True
+        self._accepting.cancel()
+        for waiting in self._waiting:
+            waiting.cancel()
+
+    def statistics(self) -> dict[str, int]:
+        """Open connections, and responses being made or sent."""
+        return {
+            "connections": self._connections,
+            "responses_in_flight": self._responding,
+        }
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # The send buffer is left to the kernel's autotuning, as nginx does:
         # a fixed 4 MiB one measured no faster for one client or for 32.
         _unpace_if_same_host(stream.socket)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        self._connections += 1
         try:
             async with stream:
                 await self._serve_requests(connection, stream)
@@ -144,6 +193,8 @@ class HttpServer:
             pass
         except OSError as exc:
             logger.debug("connection_failed", extra={"error": str(exc)})
+        finally:
+            self._connections -= 1
 
     async def _serve_requests(
         self, connection: h11.Connection, stream: trio.SocketStream
@@ -151,30 +202,53 @@ class HttpServer:
         timeout = _HEAD_TIMEOUT
         while True:
             try:
-                event = await _next_event_within(connection, stream, timeout)
+                event = await self._next_request(connection, stream, timeout)
             except h11.RemoteProtocolError as exc:
                 await _send_protocol_error(connection, stream, exc)
                 return
             if not isinstance(event, h11.Request):
                 return
-            request = _to_request(event)
-            with trio.fail_after(_HEAD_TIMEOUT):
-                await _drain_body(connection, stream)
-            started = trio.current_time()
-            response = await self._respond(request)
+            self._responding += 1
             try:
-                await _send_response(
-                    connection, stream, request, response, self._on_sent
-                )
+                await self._answer(connection, stream, _to_request(event))
             finally:
-                if self._log_requests:
-                    _log_request(request, response, trio.current_time() - started)
-            if connection.our_state is not h11.DONE:
+                self._responding -= 1
+            if connection.our_state is not h11.DONE or self._draining:
                 return
             if connection.their_state is not h11.DONE:
                 return
             connection.start_next_cycle()
             timeout = _IDLE_TIMEOUT
+
+    async def _next_request(
+        self, connection: h11.Connection, stream: trio.SocketStream, timeout: float
+    ) -> h11.Event | type[h11.PAUSED] | None:
+        """The next request head, or None when the connection is to close."""
+        if self._draining:
+            return None
+        with trio.CancelScope() as waiting:
+            self._waiting.add(waiting)
+            try:
+                return await _next_event_within(connection, stream, timeout)
+            finally:
+                self._waiting.discard(waiting)
+        return None
+
+    async def _answer(
+        self, connection: h11.Connection, stream: trio.SocketStream, request: Request
+    ) -> None:
+        with trio.fail_after(_HEAD_TIMEOUT):
+            await _drain_body(connection, stream)
+        started = trio.current_time()
+        response = await self._respond(request)
+        try:
+            await _send_response(
+                connection, stream, request, response, self._on_sent, self._draining
+            )
+        finally:
+            path = request.target.partition("?")[0]
+            if self._log_requests and path not in self._quiet_paths:
+                _log_request(request, response, trio.current_time() - started)
 
     async def _respond(self, request: Request) -> Response:
         try:
@@ -362,12 +436,16 @@ async def _send_response(
     request: Request,
     response: Response,
     on_sent: Callable[[str, int], None],
+    last: bool = False,
 ) -> None:
     body = response.body
     try:
         headers = list(response.headers)
         if not any(name.lower() == "content-length" for name, _ in headers):
             headers.append(("Content-Length", str(len(body))))
+        if last:
+            # The client learns it must not send another request here.
+            headers.append(("Connection", "close"))
         head = connection.send(
             h11.Response(
                 status_code=response.status,

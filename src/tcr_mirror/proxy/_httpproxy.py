@@ -12,7 +12,10 @@ The policy comes from the node's config (``proxy``, ``no_proxy``), or
 else from the environment the way Go programs such as containerd and the
 kubelet read it: ``HTTPS_PROXY`` / ``HTTP_PROXY`` by the URL's scheme
 (upper case first, then lower case), ``NO_PROXY`` for exceptions, and
-never a proxy for ``localhost`` or a loopback address.
+never a proxy for ``localhost`` or a loopback address. Go also speaks
+``https://`` and ``socks5://`` proxies, which this module does not: such a
+variable is set aside in the policy's ``ignored``, for the node to decide
+whether it can start without it.
 
 Sans-IO: the policy and the ``CONNECT`` handshake are plain objects the
 tests drive without sockets; :mod:`~tcr_mirror.proxy._rawget` does the I/O.
@@ -30,6 +33,7 @@ import h11
 
 __all__ = [
     "HttpProxy",
+    "IgnoredProxy",
     "ProxyPolicy",
     "ProxyRefused",
     "TunnelOpening",
@@ -38,6 +42,8 @@ __all__ = [
 ]
 
 _MAX_HEAD = 64 * 1024
+# Proxy schemes Go's net/http Transport speaks and this module does not.
+_NOT_HTTP_SCHEMES = frozenset({"https", "socks5", "socks5h"})
 
 
 class ProxyRefused(OSError):
@@ -102,6 +108,31 @@ def parse_proxy_url(text: str) -> HttpProxy:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
     return HttpProxy(parts.hostname, port, authorization)
+
+
+@dataclass(frozen=True)
+class IgnoredProxy:
+    """A proxy variable left unused: it names a proxy that is not HTTP.
+
+    Attributes:
+        variable: The variable as it was set (``HTTPS_PROXY``, ``https_proxy``).
+        applies_to: The URL scheme it names the proxy for.
+        scheme: The proxy's own scheme (``socks5``, ``https``).
+        address: ``host[:port]`` of the proxy, for logs: never credentials.
+    """
+
+    variable: str
+    applies_to: str
+    scheme: str
+    address: str
+
+
+def _not_http(variable: str, applies_to: str, value: str) -> IgnoredProxy | None:
+    scheme, sep, rest = value.strip().partition("://")
+    if not sep or scheme.lower() not in _NOT_HTTP_SCHEMES:
+        return None
+    address = rest.partition("/")[0].rpartition("@")[2]
+    return IgnoredProxy(variable, applies_to, scheme.lower(), address)
 
 
 def _without_credentials(text: str) -> str:
@@ -174,6 +205,7 @@ class ProxyPolicy:
             as Go does with the environment's proxies: a node's own
             services are never behind its proxy.
         source: ``"config"`` or ``"environment"``, for the start-up log.
+        ignored: Proxy variables set aside because their proxy is not HTTP.
     """
 
     http: HttpProxy | None = None
@@ -181,6 +213,7 @@ class ProxyPolicy:
     no_proxy: tuple[str, ...] = ()
     spare_loopback: bool = True
     source: str = "environment"
+    ignored: tuple[IgnoredProxy, ...] = ()
     _exceptions: tuple[_Exception, ...] = field(
         default=(), init=False, repr=False, compare=False
     )
@@ -198,37 +231,59 @@ class ProxyPolicy:
     def from_environment(cls, environ: Mapping[str, str]) -> ProxyPolicy:
         """The proxies the environment names, read as Go reads them.
 
+        A variable naming an ``https://`` or ``socks5://`` proxy is not
+        used; it is listed in ``ignored`` instead.
+
         Raises:
-            ValueError: A proxy variable holds no usable proxy URL.
+            ValueError: A proxy variable holds no proxy URL at all.
         """
-
-        def first(*names: str) -> str:
-            return next((environ[n] for n in names if environ.get(n)), "")
-
-        proxies: dict[str, HttpProxy | None] = {}
-        for scheme in ("http", "https"):
-            name = f"{scheme.upper()}_PROXY"
-            value = first(name, name.lower())
+        proxies: dict[str, HttpProxy | None] = {"http": None, "https": None}
+        ignored = []
+        for scheme in proxies:
+            upper = f"{scheme.upper()}_PROXY"
+            name = _first_set(environ, upper, upper.lower())
+            if name is None:
+                continue
+            set_aside = _not_http(name, scheme, environ[name])
+            if set_aside is not None:
+                ignored.append(set_aside)
+                continue
             try:
-                proxies[scheme] = parse_proxy_url(value) if value else None
+                proxies[scheme] = parse_proxy_url(environ[name])
             except ValueError as exc:
-                raise ValueError(f"{name} in the environment: {exc}") from None
-        no_proxy = parse_no_proxy(first("NO_PROXY", "no_proxy"))
-        return cls(proxies["http"], proxies["https"], no_proxy)
+                raise ValueError(f"{upper} in the environment: {exc}") from None
+        name = _first_set(environ, "NO_PROXY", "no_proxy")
+        no_proxy = parse_no_proxy(environ[name]) if name else ()
+        return cls(proxies["http"], proxies["https"], no_proxy, ignored=tuple(ignored))
 
     def for_url(self, url: str) -> HttpProxy | None:
         """The proxy that ``url`` goes through, or None to go directly."""
         parts = urlsplit(url)
         proxy = self.https if parts.scheme == "https" else self.http
-        if proxy is None:
+        if proxy is None or self._exempt(url):
             return None
+        return proxy
+
+    def ignored_for(self, url: str) -> IgnoredProxy | None:
+        """The ignored variable whose proxy Go would send ``url`` through."""
+        scheme = urlsplit(url).scheme
+        ignored = next((i for i in self.ignored if i.applies_to == scheme), None)
+        if ignored is None or self._exempt(url):
+            return None
+        return ignored
+
+    def _exempt(self, url: str) -> bool:
+        parts = urlsplit(url)
         host = (parts.hostname or "").lower().rstrip(".")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         if self.spare_loopback and _is_loopback(host):
-            return None
-        if any(exception.matches(host, port) for exception in self._exceptions):
-            return None
-        return proxy
+            return True
+        return any(exception.matches(host, port) for exception in self._exceptions)
+
+
+def _first_set(environ: Mapping[str, str], *names: str) -> str | None:
+    """The first of ``names`` set to something, as Go skips empty ones."""
+    return next((name for name in names if environ.get(name)), None)
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -14,9 +14,38 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["MirrorMetrics", "StoreCollector"]
+__all__ = ["MirrorMetrics", "RequestCounter", "StoreCollector", "method_label"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# The pull API has two methods. Any token is a valid HTTP method, so a label
+# taken from the request as it came would give a client that invents
+# methods one new series per request, without limit.
+_PULL_METHODS = frozenset({"GET", "HEAD"})
+
+
+def method_label(method: str) -> str:
+    """``GET`` or ``HEAD`` as they are; every other method is ``other``."""
+    return method if method in _PULL_METHODS else "other"
+
+
+class RequestCounter:
+    """``tcr_mirror_requests_total`` by kind, method and status.
+
+    Its :meth:`labels` folds the method through :func:`method_label`, so
+    the series stay few whatever methods clients send.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counter = Counter(
+            "tcr_mirror_requests",
+            "Client requests answered, by kind, method (GET, HEAD, other) and status.",
+            ["kind", "method", "status"],
+            registry=registry,
+        )
+
+    def labels(self, kind: str, method: str, status: str) -> Counter:
+        return self._counter.labels(kind, method_label(method), status)
 
 
 class MirrorMetrics:
@@ -25,12 +54,7 @@ class MirrorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "tcr_mirror_requests",
-            "Client requests answered, by kind, method and status.",
-            ["kind", "method", "status"],
-            registry=r,
-        )
+        self.requests = RequestCounter(r)
         self.cache_results = Counter(
             "tcr_mirror_cache_results",
             "Cache lookups by kind and result (hit, miss, joined, stale).",

@@ -14,6 +14,7 @@ import trio
 from tcr_mirror._logging import configure_logging
 from tcr_mirror.cli import CliError
 from tcr_mirror.proxy._config import (
+    LOG_LEVELS,
     ConfigError,
     NodeConfig,
     parse_host_port,
@@ -24,7 +25,7 @@ from tcr_mirror.proxy._config import (
     read_secret_file,
     tls_context,
 )
-from tcr_mirror.proxy._daemon import serve_until_signal
+from tcr_mirror.proxy._daemon import NodeStartError, serve_until_signal
 from tcr_mirror.proxy._httpproxy import parse_no_proxy
 
 __all__ = ["build_node_parser", "register"]
@@ -49,7 +50,8 @@ def build_node_parser() -> argparse.ArgumentParser:
 
 _DESCRIPTION = (
     "Serve the OCI distribution pull API as a caching mirror of the configured "
-    "upstream registries, until SIGTERM or SIGINT."
+    "upstream registries, until SIGTERM or SIGINT: the responses in flight "
+    "then finish (see --drain-timeout), a second signal cuts them."
 )
 
 
@@ -97,9 +99,21 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="ask the control plane for credentials this often (30)",
     )
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics, health")
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics there, and /healthz and /readyz as the mirror's "
+        "own port does",
+    )
     parser.add_argument(
         "--tag-ttl", type=float, metavar="SECONDS", help="trust a tag this long (5)"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, let responses in flight finish this long "
+        "before cutting them (10)",
     )
     parser.add_argument(
         "--max-store-bytes",
@@ -137,7 +151,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="comma-separated hosts, .domains and networks reached without --proxy",
     )
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,7 +163,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
     configure_logging(config.log_level)
-    trio.run(serve_until_signal, config)
+    try:
+        trio.run(serve_until_signal, config)
+    except NodeStartError as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -160,8 +177,9 @@ _SIMPLE_FLAGS: dict[str, Callable[[Any], Any]] = {
     "data_dir": Path,
     "ca_file": Path,
     "tag_ttl": float,
+    "drain_timeout": float,
     "log_level": str,
-    "max_store_bytes": parse_size,
+    "max_store_bytes": lambda text: parse_size(text, key="--max-store-bytes"),
     "connect_timeout": float,
     "read_timeout": float,
     "credentials_refresh": float,
