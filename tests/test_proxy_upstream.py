@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import ssl
 import time
@@ -325,6 +326,34 @@ async def test_a_429_from_storage_does_not_block_the_registry(raw: bool) -> None
         with trio.fail_after(HANG):
             assert await get(upstream, BLOB_PATH, raw=raw) == 429
         assert await get(upstream, MANIFEST_PATH, raw=False) == 200
+
+
+@both_readers
+async def test_a_redirect_the_environment_would_proxy_through_socks_is_refused(
+    raw: bool,
+) -> None:
+    """Go (containerd) would take storage through the socks5 proxy; going
+    direct instead could reach what the operator meant to be reached only
+    through it."""
+    storage = ScriptedServer(lambda _: Answer(200, body=b"blob"))
+    registry = ScriptedServer(redirect_blobs_to(lambda: storage.url + "/storage/1"))
+    async with serving(registry, storage):
+        environment = ProxyPolicy.from_environment(
+            {"HTTP_PROXY": "socks5://user:s3cret@127.0.0.9:1080"}
+        )
+        # Loopback stands in for remote hosts: only the registry is exempt.
+        policy = dataclasses.replace(
+            environment,
+            spare_loopback=False,
+            no_proxy=(f"127.0.0.1:{registry.port}",),
+        )
+        async with upstream_of(registry.url, proxies=policy) as upstream:
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await get(upstream, BLOB_PATH, raw=raw)
+
+    assert "HTTP_PROXY" in raised.value.message
+    assert "s3cret" not in raised.value.message
+    assert storage.seen == []
 
 
 async def test_a_429_from_the_registry_blocks_it_for_at_most_five_minutes() -> None:

@@ -90,9 +90,8 @@ def build_upstreams(config: NodeConfig, metrics: MirrorMetrics) -> Upstreams:
 def _log_proxies(config: NodeConfig, proxies: ProxyPolicy) -> None:
     for ignored in proxies.ignored:
         # No upstream goes through it (proxy_policy refuses to start
-        # otherwise), but a redirect to blob storage elsewhere may.
-        # TODO: refuse a redirect that Go would send through an ignored
-        # proxy instead of going direct; that decision lives in _upstream.
+        # otherwise); a redirect to blob storage that would is refused
+        # (Upstream.proxy_for).
         logger.warning(
             "proxy_variable_ignored",
             extra={
@@ -268,6 +267,9 @@ class Node:
         task_status: trio.TaskStatus[tuple[str, int]],
     ) -> None:
         fetcher = BlobFetcher(self._store, nursery)
+        # Control-plane credentials renew beside the mirror, never in the
+        # way of a pull.
+        nursery.start_soon(upstreams.keep_credentials_fresh)
         self.metrics.registry.register(_store_collector(self._store, fetcher))
         mirror = Mirror(
             self._store,

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import h11
 import httpx
@@ -188,7 +189,23 @@ class Upstream:
         return f"Upstream(key={self.key!r}, base_url={self.base_url!r})"
 
     def proxy_for(self, url: str) -> HttpProxy | None:
-        """The HTTP proxy requests to ``url`` go through, if any."""
+        """The HTTP proxy requests to ``url`` go through, if any.
+
+        Raises:
+            UpstreamUnavailable: The environment sends ``url`` through a
+                proxy that is not HTTP (socks5, https), which this mirror
+                cannot speak. Going direct instead could reach a host the
+                operator meant to be reached only through it; a redirect to
+                blob storage is where this can happen, since the node
+                refuses to start when an upstream itself needs one.
+        """
+        ignored = self._proxies.ignored_for(url)
+        if ignored is not None:
+            host = urlsplit(url).hostname
+            raise UpstreamUnavailable(
+                f"upstream {self.key}: {ignored.variable} sends {host} through "
+                f"a {ignored.scheme} proxy, and only http:// proxies are supported"
+            )
         return self._proxies.for_url(url)
 
     def _client_for(self, url: str) -> httpx.AsyncClient:
