@@ -93,7 +93,11 @@ def node_factory(tmp_path: Path, node_factory: NodeFactory) -> NodeFactory:
             secret = tmp_path / f"upstream{next(files)}.credentials"
             secret.write_text(":".join(credentials) + "\n")
             args += ["--credentials-file", str(secret)]
-        config = f"read_timeout = {read_timeout}\nconnect_timeout = 2.0\n"
+        # A stop cuts a stalled client after a short drain.
+        config = (
+            f"read_timeout = {read_timeout}\nconnect_timeout = 2.0\n"
+            "drain_timeout = 1.0\n"
+        )
         return node_factory(*args, config=config)
 
     return start
