@@ -96,7 +96,7 @@ def test_skip_verify_and_url_normalisation() -> None:
     "name",
     ["", "a/b", "..", ".", "-a.com", "a-.com", "a..com", "a.com:0", "a.com:65536",
      "a.com:x", "a.com:", "a b", "[zz]:1", "[::1", "[::1]x", "[::1]:", "_other",
-     "a.com/../x", "a.com_5000_"],
+     "a.com/../x", "a.com_5000_", "a.com:\u00b9", "a.com:\u0661"],
 )  # fmt: skip
 def test_bad_registry_names_are_refused(name: str) -> None:
     with pytest.raises(HostsConfigError) as info:

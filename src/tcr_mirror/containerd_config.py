@@ -129,7 +129,10 @@ def check_registry(name: str) -> str:
         return name
     host, port = _split_port(name)
     shown = redact(name)
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    # isdigit() alone lets through "¹", which int() refuses, and "١",
+    # which int() reads as 1.
+    ascii_digits = port is not None and port.isascii() and port.isdigit()
+    if port is not None and not (ascii_digits and 0 < int(port) < 65536):
         raise HostsConfigError(f"registry {shown!r}: bad port {redact(port)!r}")
     if not _is_host(host):
         raise HostsConfigError(
