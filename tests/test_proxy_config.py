@@ -82,6 +82,12 @@ def test_upstream_and_credentials_flags(tmp_path: Path) -> None:
         ),
         (["--upstream", "http://x", "--credentials-url", "http://c"], "node secret"),
         (["--config", "/nonexistent.toml"], "cannot read config"),
+        (["--upstream", "https://h:99999"], "upstream URL must be http"),
+        (["--upstream", "http://h:abc"], "upstream URL must be http"),
+        (["--upstream", "https://:443"], "upstream URL must be http"),
+        (["--upstream", "http://[::1"], "upstream URL must be http"),
+        (["--upstream", "http://exa mple"], "upstream URL must be http"),
+        (["--upstream", "http://reg\u00edstry"], "upstream URL must be http"),
     ],
 )
 def test_bad_configuration(argv: list[str], message: str) -> None:
@@ -153,6 +159,11 @@ def test_bad_values_are_one_line_naming_the_key(
         (["--drain-timeout", "nan"], r"\(--drain-timeout\) must be a finite number"),
         (["--max-store-bytes", "inf"], "--max-store-bytes must be a size"),
         (["--max-store-bytes", "1e400GiB"], "--max-store-bytes must be a size"),
+        # Beyond what the socket and ssl modules' timeouts can hold.
+        (["--connect-timeout", "1e10"], r"\(--connect-timeout\) must be at most"),
+        (["--read-timeout", "86401"], r"\(--read-timeout\) must be at most 86400"),
+        (["--listen", "127.0.0.1:\u00b2"], "expected HOST:PORT"),
+        (["--listen", "127.0.0.1:65536"], "expected HOST:PORT"),
     ],
 )
 def test_bad_flag_values_are_refused(flags: list[str], message: str) -> None:
@@ -250,3 +261,21 @@ def test_help_explains_every_option() -> None:
     options += " --drain-timeout"
     for option in options.split():
         assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flag", ["--config", "--credentials-file", "--node-secret-file"]
+)
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path, flag: str) -> None:
+    path = tmp_path / "binary"
+    path.write_bytes(b"\xff\xfe\x00 not text \x80\n")
+    argv = ["--upstream", "http://127.0.0.1:5001", flag, str(path)]
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as raised:
+        config_from(argv)
+    assert "\n" not in str(raised.value)
+
+
+def test_ipv6_upstreams_and_listen_addresses_are_taken() -> None:
+    config = config_from(["--upstream", "https://[::1]:5001", "--listen", "[::1]:5000"])
+    assert config.upstreams[0].url == "https://[::1]:5001"
+    assert config.listen == ("::1", 5000)

@@ -168,6 +168,8 @@ class NodeConfig:
             document = tomllib.loads(Path(path).read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
         return cls().with_document(document)
@@ -275,7 +277,9 @@ def parse_size(value: Any, *, key: str = "max_store_bytes") -> int:
 
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    # isdigit() alone takes "²", which int() refuses.
+    digits = port.isascii() and port.isdigit()
+    if not sep or not host or not digits or int(port) > 65535:
         raise ConfigError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
@@ -295,13 +299,25 @@ def make_upstream(
     default: bool,
     credentials: Credentials | None = None,
 ) -> UpstreamConfig:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
+    shape = f"upstream URL must be http(s)://host[:port], got {url!r}"
+    try:
+        parts = urlsplit(url)
+        # Reading the port checks it: a number, at most 65535.
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(shape) from None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not _is_host(host):
+        raise ConfigError(shape)
     if parts.username or parts.password:
         raise ConfigError("put upstream credentials in a credentials file, not the URL")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
+
+
+def _is_host(host: str) -> bool:
+    """A host name or address a URL may carry: no spaces, no controls."""
+    return bool(host) and host.isascii() and host.isprintable() and " " not in host
 
 
 def parse_proxy(text: str) -> HttpProxy:
@@ -340,6 +356,8 @@ def read_secret_file(path: Path) -> str:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"secret file {path} is not UTF-8 text") from None
     if not lines or not lines[0].strip():
         raise ConfigError(f"secret file {path} is empty")
     return lines[0].strip()
@@ -355,6 +373,8 @@ def read_credentials_file(path: Path) -> Credentials:
         raise ConfigError(
             f"cannot read credentials file {path}: {exc.strerror}"
         ) from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"credentials file {path} is not UTF-8 text") from None
     username, sep, password = line.strip().partition(":")
     if not sep or not username:
         raise ConfigError(f"credentials file {path} must hold username:password")
@@ -427,6 +447,11 @@ def _fraction(key: str, value: Any) -> float:
     return float(value)
 
 
+# A day: longer is a mistake, and far longer overflows the timeouts of the
+# socket and ssl modules.
+_MAX_SECONDS = 86400.0
+
+
 def _seconds(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
@@ -440,4 +465,8 @@ def _check_duration(key: str, value: float, *, zero_allowed: bool) -> None:
         least = "0 or more" if zero_allowed else "more than 0"
         raise ConfigError(
             f"{names} must be a finite number of seconds, {least}, got {value!r}"
+        )
+    if value > _MAX_SECONDS:
+        raise ConfigError(
+            f"{names} must be at most {_MAX_SECONDS:.0f} seconds (a day), got {value!r}"
         )
