@@ -27,7 +27,7 @@ from support.images import push_image
 from support.registry import Registry, free_port
 from support.tls import TlsFiles
 from tcr_mirror.cli import main
-from tcr_mirror.containerd_config import (
+from tcr_mirror.containerd import (
     BACKUP_NAME,
     MARKER,
     Carried,
@@ -795,7 +795,7 @@ def test_a_crash_in_undo_is_finished_by_the_next_undo(
 # just before its n-th call to any of these, so nothing is cleaned up.
 _KILLABLE = """
 import argparse, os, sys
-from tcr_mirror import containerd_config
+from tcr_mirror import containerd
 
 crash_at, calls = int(sys.argv[1]), 0
 
@@ -809,7 +809,7 @@ def killable(real):
     return call
 
 parser = argparse.ArgumentParser()
-containerd_config.register(parser.add_subparsers())
+containerd.register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[2:])
 for name in ("link", "rename", "replace", "unlink", "rmdir", "mkdir", "fsync"):
     setattr(os, name, killable(getattr(os, name)))
@@ -1057,7 +1057,7 @@ def test_the_fallback_keeps_the_replaced_server_and_its_ca(
 
 def test_rendering_imports_no_async_or_network_layer() -> None:
     code = (
-        "import sys, tcr_mirror.containerd_config; "
+        "import sys, tcr_mirror.containerd; "
         "print(sorted(m for m in ('trio', 'httpx', 'socket') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 # returning the exit status.
 _PARTS = (
     "tcr_mirror.proxy.cli",
-    "tcr_mirror.containerd_config",
+    "tcr_mirror.containerd.cli",
     "tcr_mirror.control.cli",
     "tcr_mirror.control.sim.cli",
 )

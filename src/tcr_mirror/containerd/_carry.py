@@ -1,0 +1,162 @@
+"""What a replaced configuration carries over: containerd's reading of it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Carried", "carry_over"]
+
+
+_CAPABILITIES = frozenset({"pull", "resolve", "push"})
+# Go's time.ParseDuration, which containerd applies to dial_timeout ("" is
+# left unset).
+_GO_DURATION = re.compile(
+    r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0|"
+)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_capabilities(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, str) and item.lower() in _CAPABILITIES for item in value
+    )
+
+
+def _is_paths(value: object) -> bool:
+    return isinstance(value, str) or _is_strings(value)
+
+
+def _is_client(value: object) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(item, str) or (_is_strings(item) and len(item) == 2)
+        for item in value
+    )
+
+
+def _is_header(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(item, str) or _is_strings(item) for item in value.values()
+    )
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_duration(value: object) -> bool:
+    return isinstance(value, str) and _GO_DURATION.fullmatch(value) is not None
+
+
+# The per-host settings containerd reads, each with the check it applies;
+# a value failing one makes containerd drop the whole file. It ignores
+# other keys, and so do we.
+_SETTINGS: dict[str, Callable[[object], bool]] = {
+    "capabilities": _is_capabilities,
+    "ca": _is_paths,
+    "client": _is_client,
+    "skip_verify": _is_bool,
+    "header": _is_header,
+    "override_path": _is_bool,
+    "dial_timeout": _is_duration,
+}
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What containerd used from the configuration about to be replaced.
+
+    Attributes:
+        server: the ``server`` URL, verbatim; None when there was none.
+        settings: the server's own settings (the top-level keys).
+        hosts: the ``[host."URL"]`` entries and their settings, in order.
+    """
+
+    server: str | None = None
+    settings: Mapping[str, object] = field(default_factory=dict)
+    hosts: tuple[tuple[str, Mapping[str, object]], ...] = ()
+
+
+def carry_over(original: bytes | None, cert_files: Sequence[str] = ()) -> Carried:
+    """Reads what containerd made of a registry's directory.
+
+    Args:
+        original: the foreign hosts.toml there, or None if there is none.
+        cert_files: the sorted names of the directory's non-directories.
+
+    Returns:
+        The file's server, settings and hosts if containerd would use the
+        file; otherwise the certificate files as the server's ``ca`` and
+        ``client``, which is what containerd does then. Relative paths stay
+        relative: containerd resolves them against the directory, which is
+        the one we write to, and the init container may see it under
+        another mount point than containerd does.
+    """
+    if original:
+        carried = _parse_hosts_toml(original)
+        if carried is not None:
+            return carried
+    return _from_cert_files(cert_files)
+
+
+def _parse_hosts_toml(data: bytes) -> Carried | None:
+    try:
+        document = tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    server = document.get("server", "")
+    tables = document.get("host", {})
+    settings = _settings(document)
+    if settings is None or not isinstance(server, str) or not isinstance(tables, dict):
+        return None
+    # containerd 1.6 also gave up on a file without any [host] table and
+    # used the certificate files; later versions read it, and so do we.
+    # TODO: Skip host entries written as dotted keys or inline tables:
+    # containerd 1.7+ lists hosts by their [host."URL"] headers only, so it
+    # never used them, but we carry them over as if it had.
+    hosts = []
+    for url, table in tables.items():
+        host = _settings(table)
+        if host is None:
+            return None
+        hosts.append((url, host))
+    if not server:
+        # containerd ignores override_path without a server; beside the
+        # server we write, it would cut /v2 off the registry's URL.
+        settings.pop("override_path", None)
+    return Carried(server or None, settings, tuple(hosts))
+
+
+def _settings(table: object) -> dict[str, object] | None:
+    if not isinstance(table, dict):
+        return None
+    found = {key: table[key] for key in _SETTINGS if key in table}
+    if all(_SETTINGS[key](value) for key, value in found.items()):
+        return found
+    return None
+
+
+def _from_cert_files(names: Sequence[str]) -> Carried:
+    present = set(names)
+    settings: dict[str, object] = {}
+    cas = [name for name in names if name.endswith(".crt")]
+    clients = [_client(name, present) for name in names if name.endswith(".cert")]
+    if cas:
+        settings["ca"] = cas
+    if clients:
+        settings["client"] = clients
+    return Carried(settings=settings)
+
+
+def _client(cert: str, present: set[str]) -> str | list[str]:
+    # Without a .key beside it containerd reads the key from the .cert too,
+    # which is what a lone string means in hosts.toml.
+    key = cert.removesuffix(".cert") + ".key"
+    return [cert, key] if key in present else cert
