@@ -41,10 +41,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send the ``tcr_mirror`` loggers to stderr as JSON lines."""
+    """Send the ``tcr_mirror`` loggers to stderr as JSON lines.
+
+    trio's own few log calls (``accept`` out of file descriptors, say) go
+    the same way, at warning and above, so stderr stays JSON lines only.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("tcr_mirror")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name, logger_level in (("tcr_mirror", level.upper()), ("trio", "WARNING")):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logger_level)
+        logger.propagate = False

@@ -24,8 +24,10 @@ when its stored blobs and stale tags are all that still serve.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -284,7 +286,10 @@ class Node:
             served.labels(source).inc(sent)
 
         self._server = HttpServer(
-            self._mirror_handler(mirror), on_sent=on_sent, quiet_paths=_PROBES
+            self._mirror_handler(mirror),
+            on_sent=on_sent,
+            quiet_paths=_PROBES,
+            max_connections=_max_connections(),
         )
         await nursery.start(self._serve_clients, self._server)
         if self._metrics_listeners:
@@ -385,6 +390,7 @@ async def serve_until_signal(config: NodeConfig) -> None:
     Raises:
         NodeStartError: The store or a listener cannot be opened.
     """
+    _raise_open_file_limit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # Before any nursery, so that a start-up error comes out as itself
         # rather than inside an exception group.
@@ -393,6 +399,32 @@ async def serve_until_signal(config: NodeConfig) -> None:
             await nursery.start(_serve_then_stop, node, nursery.cancel_scope)
             await _drain_on_signals(node, signals, config.drain_timeout)
             nursery.cancel_scope.cancel()
+
+
+def _raise_open_file_limit() -> None:
+    """Take the hard limit on open files as the soft one.
+
+    Every client connection, blob being sent and fetch holds descriptors,
+    and the soft limit a service starts with is often 1024 (systemd's
+    default), far below what a node serving a rollout needs.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logger.debug(
+        "open_file_limit",
+        extra={"limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]},
+    )
+
+
+def _max_connections() -> int:
+    """Client connections to serve at once: half the open-file limit, as
+    each may hold a blob file too, and the rest is for fetches and LMDB."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft // 2 - 32)
 
 
 async def _serve_then_stop(

@@ -15,6 +15,7 @@ __all__ = [
     "BlobUnknown",
     "Denied",
     "DigestInvalid",
+    "HeadTooLarge",
     "ManifestInvalid",
     "ManifestUnknown",
     "NameInvalid",
@@ -22,6 +23,7 @@ __all__ = [
     "PaginationNumberInvalid",
     "RangeInvalid",
     "RegistryError",
+    "RequestTooLarge",
     "StoreFull",
     "TagInvalid",
     "TooManyRequests",
@@ -120,6 +122,27 @@ class Unsupported(RegistryError):
     def __init__(self, message: str) -> None:
         # A 405 names the methods that are allowed (RFC 9110, 15.5.6).
         super().__init__(message, headers=[("Allow", "GET, HEAD")])
+
+
+class HeadTooLarge(RegistryError):
+    """RFC 9110 §15.5.20 / RFC 6585 §5: the request head is too large."""
+
+    # The distribution spec has no code for it; clients key on the status.
+    code = "UNSUPPORTED"
+    status = 431
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=[("Connection", "close")])
+
+
+class RequestTooLarge(RegistryError):
+    """RFC 9110 §15.5.14: a body larger than any pull request carries."""
+
+    code = "UNSUPPORTED"
+    status = 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=[("Connection", "close")])
 
 
 class PaginationNumberInvalid(RegistryError):

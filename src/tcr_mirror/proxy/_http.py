@@ -21,10 +21,9 @@ retry for idempotent requests (RFC 9112, 9.3.1).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
+import math
 import os
-import socket
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -32,8 +31,14 @@ from http import HTTPStatus
 import h11
 import trio
 
-from tcr_mirror.proxy._errors import RegistryError
+from tcr_mirror.proxy._errors import (
+    HeadTooLarge,
+    RegistryError,
+    RequestTooLarge,
+    UpstreamUnavailable,
+)
 from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
+from tcr_mirror.proxy._pacing import same_host, unpace_if_same_host
 from tcr_mirror.proxy._sendfile import send_stored, sendfile_on_loop
 
 __all__ = [
@@ -57,6 +62,10 @@ _IDLE_TIMEOUT = 120.0
 # A client that takes no bytes at all for this long is dropped, so a reader
 # that stopped reading cannot hold a connection and a blob file forever.
 _SEND_STALL_TIMEOUT = 60.0
+# How long a closing connection reads what the client still sends (see
+# _linger), and how often refused connections are logged at most.
+_LINGER_TIMEOUT = 2.0
+_REFUSAL_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,9 @@ class HttpServer:
         log_requests: Log each request at debug level (off for probes).
         quiet_paths: Paths (without query) whose requests are never logged:
             the probes, asked every few seconds.
+        max_connections: Connections served at once; one more is closed as
+            soon as it is accepted, so that a crowd of clients cannot take
+            the descriptors the store's files and the upstreams need.
     """
 
     def __init__(
@@ -118,8 +130,12 @@ class HttpServer:
         on_sent: Callable[[str, int], None] | None = None,
         log_requests: bool = True,
         quiet_paths: Collection[str] = (),
+        max_connections: int = 4096,
     ) -> None:
         self._handler = handler
+        self._max_connections = max_connections
+        self._refused = 0
+        self._refusal_logged_at = -math.inf
         self._on_sent = on_sent or _ignore
         self._log_requests = log_requests
         self._quiet_paths = frozenset(quiet_paths)
@@ -166,21 +182,27 @@ class HttpServer:
             waiting.cancel()
 
     def statistics(self) -> dict[str, int]:
-        """Open connections, and responses being made or sent."""
+        """Open connections, responses being made or sent, and connections
+        refused for being past ``max_connections``."""
         return {
             "connections": self._connections,
             "responses_in_flight": self._responding,
+            "connections_refused": self._refused,
         }
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self._max_connections:
+            await self._refuse(stream)
+            return
         # The send buffer is left to the kernel's autotuning, as nginx does:
         # a fixed 4 MiB one measured no faster for one client or for 32.
-        _unpace_if_same_host(stream.socket)
+        unpace_if_same_host(stream.socket)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self._connections += 1
         try:
             async with stream:
                 await self._serve_requests(connection, stream)
+                await _linger(connection, stream)
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -193,8 +215,25 @@ class HttpServer:
             pass
         except OSError as exc:
             logger.debug("connection_failed", extra={"error": str(exc)})
+        except Exception:
+            # A bug met by one connection must not end the server and every
+            # other connection with it.
+            logger.exception("connection_crashed")
         finally:
             self._connections -= 1
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Close a connection past the limit at once: containerd then goes
+        to the registry itself instead of waiting on a crowded mirror."""
+        self._refused += 1
+        now = trio.current_time()
+        if now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            logger.warning(
+                "connections_refused",
+                extra={"limit": self._max_connections, "refused": self._refused},
+            )
+        await stream.aclose()
 
     async def _serve_requests(
         self, connection: h11.Connection, stream: trio.SocketStream
@@ -237,10 +276,15 @@ class HttpServer:
     async def _answer(
         self, connection: h11.Connection, stream: trio.SocketStream, request: Request
     ) -> None:
-        with trio.fail_after(_HEAD_TIMEOUT):
-            await _drain_body(connection, stream)
         started = trio.current_time()
-        response = await self._respond(request)
+        try:
+            _check_head_size(request)
+            with trio.fail_after(_HEAD_TIMEOUT):
+                await _drain_body(connection, stream)
+        except RegistryError as exc:
+            response = error_response(exc)
+        else:
+            response = _sendable(await self._respond(request))
         try:
             await _send_response(
                 connection, stream, request, response, self._on_sent, self._draining
@@ -271,56 +315,47 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+def _check_head_size(request: Request) -> None:
+    """h11 bounds a head only while it is incomplete: one that arrived in a
+    single read is measured here.
+
+    Raises:
+        HeadTooLarge: The head is past the limit.
+    """
+    size = len(request.target) + sum(
+        len(name) + len(value) + 4 for name, value in request.headers.items()
+    )
+    if size > _MAX_HEAD:
+        raise HeadTooLarge(f"request head of {size} bytes, at most {_MAX_HEAD}")
+
+
+def _sendable(response: Response) -> Response:
+    """``response``, or a 503 in its place if its head cannot go on the wire.
+
+    Header values come from upstreams too (a manifest's media type, a tag
+    list's ``Link``): one that is not printable ASCII would make h11 fail
+    mid-send.
+    """
+    if all(_is_field(n) and _is_field(v) for n, v in response.headers):
+        return response
+    names = [n for n, v in response.headers if not (_is_field(n) and _is_field(v))]
+    logger.error("response_head_invalid", extra={"headers": names[:10]})
+    if isinstance(response.body, FileBody):
+        os.close(response.body.fd)
+        if response.body.release is not None:
+            response.body.release()
+    return error_response(
+        UpstreamUnavailable("the upstream's answer carries a header that is not ASCII")
+    )
+
+
+def _is_field(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 def error_response(exc: RegistryError) -> Response:
     headers = [("Content-Type", "application/json"), *exc.headers]
     return Response(exc.status, headers, exc.body())
-
-
-def same_host(peer: str, local: str) -> bool:
-    """Whether a connection from ``peer`` to ``local`` stays on this host.
-
-    True for loopback addresses (also IPv4 ones mapped into IPv6) and for a
-    host connecting to its own address, as containerd does when it reaches
-    the mirror by the node's IP: the kernel routes both through loopback.
-    """
-    try:
-        peer_address = _unmapped(ipaddress.ip_address(peer.partition("%")[0]))
-        local_address = _unmapped(ipaddress.ip_address(local.partition("%")[0]))
-    except ValueError:
-        return False
-    return peer_address.is_loopback or peer_address == local_address
-
-
-def _unmapped(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-# A congestion control that never paces. Every Linux kernel has reno, and an
-# unprivileged process may always pick it.
-_UNPACED = b"reno"
-
-
-def _unpace_if_same_host(sock: trio.socket.SocketType) -> None:
-    """Turns off pacing on a connection that never leaves this host.
-
-    Where the host's default congestion control is BBR, as on many cloud
-    images, the kernel paces every send with timers; over loopback that
-    only costs CPU. With reno, serving a blob being fetched took 0.5 s less
-    CPU per GiB in ``loadtest/bench_node.py`` (2.68 -> 2.12). Connections
-    from other hosts keep the host's choice.
-    """
-    try:
-        peer, local = sock.getpeername()[0], sock.getsockname()[0]
-    except OSError:
-        return
-    if same_host(peer, local):
-        # Best effort: a kernel without TCP_CONGESTION keeps its default.
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, _UNPACED)
 
 
 async def _next_event_within(
@@ -369,8 +404,13 @@ def origin_form(target: str) -> str:
 
 
 async def _drain_body(connection: h11.Connection, stream: trio.SocketStream) -> None:
-    # Pull requests carry no body; read and drop whatever a client sent so
-    # the connection stays in step, up to a limit.
+    """Pull requests carry no body; read and drop whatever a client sent so
+    the connection stays in step, up to a limit.
+
+    Raises:
+        RequestTooLarge: The body is past the limit; the connection must
+            close after the answer.
+    """
     if connection.they_are_waiting_for_100_continue:
         # The client holds its body back until it hears this, while the
         # mirror reads the body before it answers: both would wait.
@@ -383,9 +423,28 @@ async def _drain_body(connection: h11.Connection, stream: trio.SocketStream) -> 
         if isinstance(event, h11.Data):
             received += len(event.data)
             if received > _MAX_REQUEST_BODY:
-                raise trio.BrokenResourceError("request body too large")
+                raise RequestTooLarge(
+                    f"request body past {_MAX_REQUEST_BODY} bytes; pulls send none"
+                )
         elif not isinstance(event, h11.EndOfMessage):
             return
+
+
+async def _linger(connection: h11.Connection, stream: trio.SocketStream) -> None:
+    """Half-close, then read and drop what the client still sends, briefly.
+
+    Closing a socket that holds unread bytes (a pipelined request, the rest
+    of a refused body) makes the kernel answer with a reset, which destroys
+    whatever of the last response is still queued for the client (RFC
+    9112, 9.6). A client that already hung up costs nothing here.
+    """
+    if connection.their_state in (h11.CLOSED, h11.ERROR):
+        return
+    with trio.move_on_after(_LINGER_TIMEOUT):
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await stream.send_eof()
+            while await stream.receive_some(_RECEIVE_SIZE):
+                pass
 
 
 async def _send_protocol_error(

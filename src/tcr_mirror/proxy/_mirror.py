@@ -302,9 +302,10 @@ class Mirror:
                 raise status_error(r, f"manifest {name}:{reference}", upstream.key)
             body = await _read_limited(r, _MAX_MANIFEST, upstream.key)
             media_type = r.headers.get("content-type", "")
-        if not media_type or "\n" in media_type:
+        # Kept and sent on as a header: it must be printable ASCII.
+        if not (media_type and media_type.isascii() and media_type.isprintable()):
             raise ManifestInvalid(
-                f"upstream {upstream.key} sent no manifest media type"
+                f"upstream {upstream.key} sent no usable manifest media type"
             )
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         self._store.put_manifest(digest, media_type, body)

@@ -1,0 +1,254 @@
+"""The HTTP server on its own: limits, bad heads, crashes, closing cleanly.
+
+Each test serves a small handler with :class:`HttpServer` on 127.0.0.1 and
+talks to it over a real socket, byte for byte where the point is what
+reaches the wire (a head too large in one write, requests pipelined behind
+a drain, connections past the limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from tcr_mirror.proxy._http import FileBody, HttpServer, Request, Response
+
+# Generous: a hang must fail the test, not stall the suite.
+HANG = 30.0
+
+
+async def ok(request: Request) -> Response:
+    return Response(200, [("Content-Type", "text/plain")], b"ok")
+
+
+@asynccontextmanager
+async def serving(
+    server: HttpServer,
+) -> AsyncIterator[tuple[int, trio.Nursery]]:
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(server.serve, listeners)
+        yield listeners[0].socket.getsockname()[1], nursery
+        nursery.cancel_scope.cancel()
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, then read until the server closes (bounded)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        return await read_to_end(stream)
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    received = bytearray()
+    with trio.fail_after(HANG):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return bytes(received)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def error_code_of(answer: bytes) -> str:
+    body = answer.partition(b"\r\n\r\n")[2]
+    return str(json.loads(body)["errors"][0]["code"])
+
+
+def get(target: str = "/v2/", *extra: str, close: bool = True) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: mirror", *extra]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# Answers that cannot go on the wire, and handlers that crash.
+
+
+async def test_a_header_that_is_not_ascii_is_a_503_and_the_server_serves_on(
+    tmp_path: Path,
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 1000)
+    opened: list[int] = []
+    released: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        if request.target == "/v2/fine":
+            return await ok(request)
+        fd = os.open(blob, os.O_RDONLY)
+        opened.append(fd)
+        body = FileBody(fd, 0, 1000, release=lambda: released.append(True))
+        # As an upstream's manifest media type could have been.
+        return Response(200, [("Content-Type", "application/json; x=\u00e9")], body)
+
+    async with serving(HttpServer(handler)) as (port, _):
+        refused = await exchange(port, get("/v2/bad"))
+        fine = await exchange(port, get("/v2/fine"))
+
+    assert status_of(refused) == 503
+    assert error_code_of(refused) == "UNAVAILABLE"
+    assert status_of(fine) == 200
+    assert released == [True]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(opened[0])
+
+
+async def test_a_bug_met_by_one_connection_leaves_the_others_served() -> None:
+    async def handler(request: Request) -> Response:
+        if request.target == "/v2/bug":
+            # A body of no type the server knows: it fails mid-send.
+            return Response(200, [], object())  # type: ignore[arg-type]
+        return await ok(request)
+
+    async with serving(HttpServer(handler)) as (port, _):
+        other = await trio.open_tcp_stream("127.0.0.1", port)
+        async with other:
+            crashed = await exchange(port, get("/v2/bug"))
+            await other.send_all(get("/v2/fine"))
+            fine = await read_to_end(other)
+
+    assert not crashed.endswith(b"ok")
+    assert status_of(fine) == 200
+    assert fine.endswith(b"ok")
+
+
+# Limits.
+
+
+async def test_a_head_too_large_in_one_write_is_a_431() -> None:
+    head = get("/v2/", "X-Padding: " + "a" * 20_000)
+    async with serving(HttpServer(ok)) as (port, _):
+        answer = await exchange(port, head)
+
+    assert status_of(answer) == 431
+    assert error_code_of(answer) == "UNSUPPORTED"
+
+
+async def test_a_body_larger_than_a_pull_sends_is_answered_413_before_closing() -> None:
+    body = b"b" * (200 * 1024)
+    request = (
+        b"POST /v2/ HTTP/1.1\r\nHost: mirror\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    async with serving(HttpServer(ok)) as (port, _):
+        answer = await exchange(port, request)
+
+    assert status_of(answer) == 413
+    assert error_code_of(answer) == "UNSUPPORTED"
+
+
+async def test_connections_past_the_limit_are_closed_at_once() -> None:
+    server = HttpServer(ok, max_connections=2)
+    async with serving(server) as (port, _):
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        with trio.fail_after(HANG):
+            while server.statistics()["connections"] < 2:
+                await trio.sleep(0.01)
+        refused = await exchange(port, get())
+        await held[0].aclose()
+        with trio.fail_after(HANG):
+            while server.statistics()["connections"] > 1:
+                await trio.sleep(0.01)
+        served = await exchange(port, get())
+        await held[1].aclose()
+
+    assert refused == b""
+    assert status_of(served) == 200
+    assert server.statistics()["connections_refused"] == 1
+
+
+# Closing without destroying the last answer.
+
+
+async def test_a_drain_with_a_request_pipelined_behind_a_big_body_cuts_nothing(
+    tmp_path: Path,
+) -> None:
+    """Closing with the second request unread would make the kernel send a
+    reset and drop the end of the first answer still queued for the
+    client."""
+    size = 8 << 20
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(size))
+
+    async def handler(request: Request) -> Response:
+        fd = os.open(blob, os.O_RDONLY)
+        return Response(200, [], FileBody(fd, 0, size))
+
+    server = HttpServer(handler)
+    async with serving(server) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(get("/v2/a", close=False) + get("/v2/b"))
+            received = bytearray(await stream.receive_some(65536))
+            # The whole answer is in the socket buffers or on its way; the
+            # server believes it sent it, and the second request waits.
+            with trio.fail_after(HANG):
+                while server.statistics()["responses_in_flight"]:
+                    received += await stream.receive_some(65536)
+            server.drain()
+            received += await read_to_end(stream)
+
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" not in head.lower()
+    assert len(body) >= size
+    assert body[:size] == blob.read_bytes()
+
+
+# Logs.
+
+
+def test_trio_s_own_log_lines_are_json_too() -> None:
+    script = (
+        "import logging\n"
+        "from tcr_mirror._logging import configure_logging\n"
+        "configure_logging('info')\n"
+        "try:\n"
+        "    raise OSError(24, 'Too many open files')\n"
+        "except OSError:\n"
+        "    logging.getLogger('trio.serve_listeners').error(\n"
+        "        'accept returned EMFILE', exc_info=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["logger"] == "trio.serve_listeners"
+    assert event["level"] == "error"
+
+
+def test_the_node_takes_the_hard_limit_on_open_files() -> None:
+    script = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "from tcr_mirror.proxy import _daemon\n"
+        "_daemon._raise_open_file_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard, hard > 64)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == ["True", "True"]
