@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import ssl
 import time
@@ -34,7 +35,9 @@ from support.registry import Registry
 from support.tls import TlsFiles, make_tls_files
 from support.tokenserver import TokenServer
 from tcr_mirror.proxy._auth import Credentials
+from tcr_mirror.proxy._config import NodeConfig, make_upstream
 from tcr_mirror.proxy._credentials import ControlPlaneCredentials
+from tcr_mirror.proxy._daemon import run_node
 from tcr_mirror.proxy._errors import TooManyRequests, UpstreamUnavailable
 from tcr_mirror.proxy._httpproxy import HttpProxy, ProxyPolicy
 from tcr_mirror.proxy._upstream import (
@@ -55,7 +58,7 @@ HANG = 60.0
 @dataclass(frozen=True)
 class Answer:
     status: int
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str | bytes], ...] = ()
     body: bytes = b""
 
 
@@ -599,3 +602,34 @@ async def test_a_proxy_trickling_its_connect_answer_cannot_hold_a_pull(
         nursery.cancel_scope.cancel()
 
     assert proxy.connects == 1
+
+
+# What the mirror keeps of an upstream's answer.
+
+
+async def test_a_manifest_whose_media_type_is_not_ascii_is_refused_not_kept(
+    tmp_path: Path,
+) -> None:
+    """Kept, it would be sent on as a header that cannot go on the wire."""
+    body = b'{"schemaVersion": 2}'
+    media_type = "application/vnd.oci.image.manifest.v1+json; x=\u00e9".encode(
+        "latin-1"
+    )
+    registry = ScriptedServer(
+        lambda _: Answer(200, (("Content-Type", media_type),), body)
+    )
+    async with serving(registry) as nursery:
+        upstream = make_upstream(None, registry.url, default=True)
+        config = NodeConfig(
+            listen=("127.0.0.1", 0), data_dir=tmp_path, upstreams=(upstream,)
+        )
+        host, port = await nursery.start(run_node, config)
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            for _ in range(2):
+                answer = await client.get(f"/v2/app/manifests/{digest}")
+                assert answer.status_code == 400
+                assert answer.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+
+    # Not kept: the second request asked the upstream again.
+    assert len(registry.seen) == 2
