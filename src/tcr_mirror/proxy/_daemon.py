@@ -269,6 +269,7 @@ class Node:
         task_status: trio.TaskStatus[tuple[str, int]],
     ) -> None:
         fetcher = BlobFetcher(self._store, nursery)
+        nursery.start_soon(self._store.keep_synced)  # bounds what a power cut loses
         # Control-plane credentials renew beside the mirror, never in the
         # way of a pull.
         nursery.start_soon(upstreams.keep_credentials_fresh)

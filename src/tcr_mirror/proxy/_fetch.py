@@ -10,18 +10,24 @@ so the first bytes reach all clients as soon as the upstream sends them.
 Two rules keep a bad fetch from looking like a good blob:
 
 * The last byte of every body, the blob's or a range's, is released only
-  after the whole blob matched its digest (an empty blob's head waits for
-  it too). A client that was streaming a blob whose bytes turn out wrong
-  sees its connection end short of the declared length, never a complete
-  body.
-* The temporary file is renamed into the store only after the digest and
-  size matched and the file was fsynced; a failed fetch deletes it.
+  after the whole blob matched its digest and the file was fsynced (an
+  empty blob's head waits for it too). A client that was streaming a blob
+  whose bytes turn out wrong sees its connection end short of the declared
+  length, never a complete body. The fsync is part of the check because
+  clients read the file, not the bytes that were hashed: pages the writer
+  let go of are read back from the disk, and if their writeback failed
+  (a thin-provisioned disk that ran out, an I/O error) they read back as
+  something else, zeros most often; only the fsync's error tells.
+* The temporary file is renamed into the store only after that; a failed
+  fetch deletes it.
 
 A body cut off by the network is resumed with a ``Range`` request from the
 first missing byte; an upstream that answers the resume with anything but
 the asked ``206``, or that changes the blob's size between attempts, fails
 the fetch. Clients get a head only once the blob's disk space is claimed,
-so a full disk is an error for every one of them, not a cut body.
+so a full disk is an error for every one of them, not a cut body. A disk
+that is full when the space is claimed gets least recently used idle
+blobs evicted to make room, once, before the fetch is refused.
 
 Fetches are shared by digest, whatever the upstream or repository. A client
 that joined a fetch from another upstream or repository which is refused
@@ -45,12 +51,11 @@ import trio
 from tcr_mirror.proxy._errors import (
     BlobUnknown,
     RegistryError,
-    StoreFull,
     UpstreamUnavailable,
 )
 from tcr_mirror.proxy._oci import Digest
 from tcr_mirror.proxy._rawget import BodyBroken, RawResponse
-from tcr_mirror.proxy._store import BlobStore
+from tcr_mirror.proxy._store import NO_SPACE, BlobStore, disk_error
 from tcr_mirror.proxy._upstream import Upstream, status_error
 from tcr_mirror.proxy._writebehind import WriteBehind
 
@@ -64,6 +69,9 @@ logger = logging.getLogger(__name__)
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 # Resumes of one fetch before giving up on the upstream.
 _MAX_RESUMES = 3
+# Room made beyond a blob's own size when the disk is full, for the index
+# and the directories that storing it writes.
+_SPACE_SLACK = 1 << 20
 
 
 class FetchAborted(Exception):
@@ -80,7 +88,7 @@ class BlobFetch:
         origin: The upstream's key and the repository it is fetched from.
         size: The blob's size once the upstream told it, else None.
         written: Bytes written to the file so far.
-        verified: The blob's bytes matched its digest.
+        verified: The blob's bytes matched its digest and are on disk.
         done: The blob is verified and in the store.
         error: Why the fetch failed, if it did.
     """
@@ -129,9 +137,9 @@ class BlobFetch:
         """Bytes a client whose body ends at offset ``end`` (default: the
         blob's end) may be sent now.
 
-        The last byte of every body waits for the digest, also a range's
-        that ends early, so no complete response ever holds bytes that turn
-        out wrong.
+        The last byte of every body waits for the digest and the fsync,
+        also a range's that ends early, so no complete response ever holds
+        bytes that turn out wrong.
         """
         if self.verified:
             return self.written
@@ -162,7 +170,7 @@ class BlobFetch:
             await self._changed.wait()
 
     async def wait_verified(self) -> None:
-        """Wait until the blob's bytes matched its digest.
+        """Wait until the blob's bytes matched its digest and are on disk.
 
         Raises:
             RegistryError: The fetch failed.
@@ -199,16 +207,36 @@ class BlobFetcher:
 
         The temporary file exists when this returns, so a caller can open
         it at once.
+
+        Raises:
+            StoreFull: No space (or no inode) for the temporary file.
+            StoreUnavailable: It cannot be made otherwise (too many open
+                files, a read-only disk).
         """
         existing = self._fetches.get(digest)
         if existing is not None:
             return existing
         path = self._store.new_temp_path(digest)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise disk_error(exc, f"fetch blob {digest}") from exc
         fetch = BlobFetch(digest, path, (upstream.key, repository))
         self._fetches[digest] = fetch
         self._nursery.start_soon(self._run, fetch, fd, upstream, repository)
         return fetch
+
+    def abandon(self, fetch: BlobFetch) -> None:
+        """Let the next request for the blob start a fetch of its own.
+
+        For a fetch whose temporary file was deleted behind it: no new
+        client can open it. The clients it has carry on, and it fails at
+        its rename.
+        """
+        if self._fetches.get(fetch.digest) is fetch:
+            del self._fetches[fetch.digest]
+            logger.warning("blob_fetch_abandoned", extra={"digest": str(fetch.digest)})
 
     async def _run(
         self, fetch: BlobFetch, fd: int, upstream: Upstream, repository: str
@@ -217,11 +245,11 @@ class BlobFetcher:
         logger.info("blob_fetch_started", extra=log)
         try:
             await self._download(fetch, fd, upstream, repository)
-            # The bytes are right: clients may have the last one now, while
-            # the file is made durable for the store.
+            # The hash was over what was received; the file holds it only
+            # once its writeback succeeded (see the module's docstring).
+            await trio.to_thread.run_sync(os.fsync, fd)
             fetch.verified = True
             fetch.notify()
-            await trio.to_thread.run_sync(os.fsync, fd)
             assert fetch.size is not None
             fetch.path = self._store.commit_blob(fetch.digest, fetch.path, fetch.size)
             fetch.done = True
@@ -235,10 +263,14 @@ class BlobFetcher:
                 logger.exception("blob_fetch_crashed", extra=log)
         finally:
             os.close(fd)
+            # An abandoned fetch's digest may have a new fetch by now.
+            current = self._fetches.get(fetch.digest) is fetch
             if not fetch.done:
                 fetch.path.unlink(missing_ok=True)
-                self._store.unreserve(fetch.digest)
-            del self._fetches[fetch.digest]
+                if current:
+                    self._store.unreserve(fetch.digest)
+            if current:
+                del self._fetches[fetch.digest]
             fetch.notify()
 
     async def _download(
@@ -256,7 +288,7 @@ class BlobFetcher:
                     size = _check_response(response, fetch, upstream.key)
                     if fetch.size is None:
                         self._store.reserve(fetch.digest, size)
-                        await _allocate(fd, size)
+                        await self._claim_space(fetch, fd, size)
                         # Only now may clients have a head: a disk without
                         # room fails them all with an error instead.
                         fetch.size = size
@@ -280,6 +312,34 @@ class BlobFetcher:
                 f"upstream {upstream.key} sent bytes that do not match {fetch.digest}"
             )
 
+    async def _claim_space(self, fetch: BlobFetch, fd: int, size: int) -> None:
+        """Claim the blob's disk space; a full disk first evicts idle blobs.
+
+        Raises:
+            OSError: The space cannot be claimed, even after evicting.
+        """
+        try:
+            await _allocate(fd, size)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            # A quota is not in statvfs: then make room for the whole blob.
+            free = 0 if exc.errno == errno.EDQUOT else _free_bytes(fetch.path)
+            needed = max(0, size - free) + _SPACE_SLACK
+            freed = self._store.evict_bytes(needed)
+            logger.info(
+                "blob_space_made",
+                extra={"digest": str(fetch.digest), "needed": needed, "freed": freed},
+            )
+            if not freed:
+                raise
+            await _allocate(fd, size)
+
+
+def _free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
 
 async def _allocate(fd: int, size: int) -> None:
     """Claim the blob's disk space before its first byte is written.
@@ -297,7 +357,7 @@ async def _allocate(fd: int, size: int) -> None:
         # Waits for the thread if cancelled: the caller closes ``fd`` next.
         await trio.to_thread.run_sync(os.posix_fallocate, fd, 0, size)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in NO_SPACE:
             raise
         # A filesystem that cannot allocate ahead still takes the writes.
         logger.debug("blob_space_not_claimed", extra={"reason": exc.strerror})
@@ -306,8 +366,9 @@ async def _allocate(fd: int, size: int) -> None:
 def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
     if isinstance(exc, RegistryError):
         return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"no space left on the node for blob {digest}")
+    if isinstance(exc, OSError):
+        # The upstream's socket errors are UpstreamUnavailable already.
+        return disk_error(exc, f"store blob {digest}")
     return UpstreamUnavailable(f"fetch of {digest} failed: {type(exc).__name__}")
 
 

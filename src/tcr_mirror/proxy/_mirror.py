@@ -30,7 +30,7 @@ from tcr_mirror.proxy._errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from tcr_mirror.proxy._fetch import BlobFetcher
+from tcr_mirror.proxy._fetch import BlobFetch, BlobFetcher
 from tcr_mirror.proxy._http import FileBody, Request, Response
 from tcr_mirror.proxy._metrics import MirrorMetrics
 from tcr_mirror.proxy._oci import (
@@ -41,8 +41,9 @@ from tcr_mirror.proxy._oci import (
     parse_range,
     parse_route,
 )
+from tcr_mirror.proxy._sendfile import unwatch_file, watch_file
 from tcr_mirror.proxy._singleflight import SingleFlight
-from tcr_mirror.proxy._store import BlobStore, TagEntry
+from tcr_mirror.proxy._store import BlobStore, TagEntry, disk_error
 from tcr_mirror.proxy._upstream import Upstream, status_error
 
 __all__ = ["MANIFEST_MEDIA_TYPES", "Mirror", "Upstreams"]
@@ -320,7 +321,8 @@ class Mirror:
         digest = route.digest
         # Fetches are shared by digest, so a client may join one from another
         # upstream or repository. If that one refuses the blob, which says
-        # nothing of this client's, the client asks its own (once).
+        # nothing of this client's, the client asks its own (once); so
+        # does one whose fetch lost its file.
         for attempt in range(2):
             fetch = self._fetcher.in_flight(digest)
             if fetch is None:
@@ -328,7 +330,7 @@ class Mirror:
                 if opened is not None:
                     self._cache("blob", "hit")
                     fd, size = opened
-                    return self._blob_response(request, digest, fd, size)
+                    return self._stored_blob_response(request, digest, fd, size)
                 if not attempt:
                     self._cache("blob", "miss")
                 if request.method == "HEAD":
@@ -337,7 +339,10 @@ class Mirror:
             elif not attempt:
                 self._cache("blob", "joined")
 
-            fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+            reading = self._open_fetched(fetch, last=bool(attempt))
+            if reading is None:
+                continue
+            fd = reading
             try:
                 size = await fetch.wait_size()
                 if not size:
@@ -358,6 +363,25 @@ class Mirror:
             return response
         raise AssertionError("not reached: the second attempt returns or raises")
 
+    def _open_fetched(self, fetch: BlobFetch, *, last: bool) -> int | None:
+        """Open the file of a fetch in flight; None if it was deleted.
+
+        Raises:
+            StoreUnavailable: It cannot be opened (too many open files),
+                or was deleted on the ``last`` attempt too.
+        """
+        try:
+            return os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            # Deleted behind the fetch: no new client can read it, so the
+            # next attempt starts a fetch of its own.
+            self._fetcher.abandon(fetch)
+            if last:
+                raise disk_error(exc, f"read blob {fetch.digest}") from exc
+            return None
+        except OSError as exc:
+            raise disk_error(exc, f"read blob {fetch.digest}") from exc
+
     def _follow_fetch(self, body: FileBody) -> None:
         """Count the client as waiting on a fetch until its body is done."""
         waiting = self._metrics.fetch_waiting_clients
@@ -370,6 +394,27 @@ class Mirror:
                 release()
 
         body.release = released
+
+    def _stored_blob_response(
+        self, request: Request, digest: Digest, fd: int, size: int
+    ) -> Response:
+        """:meth:`_blob_response` for a stored blob: a file found short or
+        unreadable while it is sent is dropped, so the next request fetches
+        it again."""
+        response = self._blob_response(request, digest, fd, size)
+        assert isinstance(response.body, FileBody)
+        body = response.body
+        watch_file(fd, functools.partial(self._store.drop_damaged, digest, fd))
+        release = body.release
+
+        def released() -> None:
+            # The server closed fd just before, with no checkpoint between.
+            unwatch_file(fd)
+            if release is not None:
+                release()
+
+        body.release = released
+        return response
 
     def _blob_response(
         self, request: Request, digest: Digest, fd: int, size: int

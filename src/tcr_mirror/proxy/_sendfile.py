@@ -13,10 +13,16 @@ Two ways, for two kinds of body:
   wait a moment in ``poll`` for a fast reader run it on every core. With
   32 clients reading a cached blob this went from 0.6x to 0.92-0.96x of
   nginx's two worker processes in ``loadtest/bench_node.py``.
+
+A stored file can turn out shorter than its index says, or unreadable,
+while it is being sent (cut or damaged behind the store). Whoever handed
+out the descriptor can :func:`watch_file` it to hear of that, and drop the
+blob so that the next request fetches it again.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -24,7 +30,14 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["SendStalled", "send_stored", "sendfile_on_loop"]
+__all__ = [
+    "FileBroken",
+    "SendStalled",
+    "send_stored",
+    "sendfile_on_loop",
+    "unwatch_file",
+    "watch_file",
+]
 
 # Bytes per sendfile call, as nginx's sendfile_max_chunk: larger calls
 # measured no faster, and a smaller one returns sooner to look at the turn.
@@ -46,8 +59,31 @@ _FULL_GRACE_MS = 5
 _SENDERS = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
 
+# Errors of sendfile that come from reading the file, not from the socket.
+_FILE_ERRNOS = frozenset({errno.EIO, errno.EUCLEAN, errno.EBADMSG})
+_watchers: dict[int, Callable[[str], None]] = {}
+
+
 class SendStalled(trio.TooSlowError):
     """The client took no bytes for the whole stall timeout."""
+
+
+class FileBroken(trio.BrokenResourceError):
+    """The file ended before its declared length, or could not be read."""
+
+
+def watch_file(fd: int, on_broken: Callable[[str], None]) -> None:
+    """Call ``on_broken(reason)`` on the event loop, with ``fd`` still open,
+    if :func:`send_stored` finds the file short or unreadable.
+
+    Unwatch before closing ``fd``, or at once after (with no checkpoint
+    between), so that a reused descriptor number is never mistaken for it.
+    """
+    _watchers[fd] = on_broken
+
+
+def unwatch_file(fd: int) -> None:
+    _watchers.pop(fd, None)
 
 
 async def sendfile_on_loop(
@@ -102,15 +138,25 @@ async def send_stored(
 
     Raises:
         SendStalled: The client took no bytes for ``stall`` seconds.
-        trio.BrokenResourceError: The file is shorter than declared.
+        FileBroken: The file is shorter than declared, or reading it
+            failed; its watcher was told.
         OSError: The client went away.
     """
     position, end = offset, offset + count
     out = sock.fileno()
     while position < end:
-        sent, full = await trio.to_thread.run_sync(
-            _send_turn, out, fd, position, end - position, limiter=_SENDERS
-        )
+        try:
+            sent, full = await trio.to_thread.run_sync(
+                _send_turn, out, fd, position, end - position, limiter=_SENDERS
+            )
+        except FileBroken as exc:
+            _tell_watcher(fd, str(exc))
+            raise
+        except OSError as exc:
+            if exc.errno not in _FILE_ERRNOS:
+                raise
+            _tell_watcher(fd, f"reading the file failed: {exc.strerror}")
+            raise FileBroken(f"reading the file failed: {exc.strerror}") from exc
         if sent and on_sent is not None:
             on_sent(sent)
         position += sent
@@ -144,8 +190,14 @@ def _send_turn(out: int, fd: int, offset: int, count: int) -> tuple[int, bool]:
                 return total, True
             continue
         if sent == 0:
-            raise trio.BrokenResourceError("file ended before its declared length")
+            raise FileBroken(f"file ended at {offset + total}, before its length")
         total += sent
         if time.monotonic() >= turn_ends:
             break
     return total, False
+
+
+def _tell_watcher(fd: int, reason: str) -> None:
+    on_broken = _watchers.pop(fd, None)
+    if on_broken is not None:
+        on_broken(reason)

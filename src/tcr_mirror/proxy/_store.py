@@ -2,52 +2,106 @@
 
 Layout under the data directory::
 
+    lock                                 held (flock) by the one process
+                                         using the directory; says its pid
     blobs/sha256/<first two hex>/<hex>   verified blobs, served with sendfile
     tmp/                                 fetches in flight (never served once
                                          the process that wrote them is gone)
-    index/                               LMDB: blob sizes and last access,
+    index/                               LMDB (:mod:`~tcr_mirror.proxy._index`):
+                                         blob sizes and last access,
                                          manifests by digest, the tag cache
 
 The store keeps to a byte budget with two watermarks: when the blobs held
 plus those being fetched pass the high watermark, least recently used blobs
-are evicted until they are under the low one. A blob with a reader or a
-fetch in flight is never evicted; when no room can be made the fetch is
-refused with :class:`StoreFull`.
+are evicted until they are under the low one. A filesystem that fills up
+before the budget does (or with no budget) evicts too: a fetch whose space
+cannot be claimed evicts idle blobs until it fits, once. A blob with a
+reader or a fetch in flight is never evicted; when no room can be made the
+fetch is refused with :class:`StoreFull`. The order of use is kept in
+memory (loaded from the index's access times at start), so making room
+never sorts the index.
 
 A blob file appears under ``blobs/`` only by ``rename`` after its bytes were
 verified and fsynced, and its index entry is written after the rename. So a
 crash can leave a verified file without an index entry (re-indexed on
 start) or a temporary file (deleted on start), never an index entry for
-bytes that were not verified. The LMDB environment is opened without fsync:
-a killed process loses nothing (the pages are in the kernel), and what a
-power cut may lose is rebuilt by :meth:`BlobStore.recover` or fetched again.
+bytes that were not verified. A file damaged behind the store (cut short,
+deleted, unreadable) is dropped when it is opened or when sending from it
+fails, and fetched again. What a crash can do to the index itself is in
+:mod:`~tcr_mirror.proxy._index`.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import secrets
 import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lmdb
 
 from tcr_mirror.proxy._errors import RegistryError, StoreFull
+from tcr_mirror.proxy._index import Index, IndexLimits, TagEntry
 from tcr_mirror.proxy._oci import Digest, parse_digest
 
-__all__ = ["BlobEntry", "BlobStore", "StoreBudget", "TagEntry"]
+__all__ = [
+    "BlobEntry",
+    "BlobStore",
+    "DataDirInUse",
+    "IndexLimits",
+    "StoreBudget",
+    "StoreUnavailable",
+    "TagEntry",
+    "disk_error",
+]
 
 logger = logging.getLogger(__name__)
 
 # size, last access, time stored
 _BLOB_RECORD = struct.Struct("<Qdd")
-_MAP_SIZE = 1 << 32
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StoreUnavailable(RegistryError):
+    """The node's disk failed an operation (other than by being full).
+
+    Answered like an unreachable upstream, so containerd moves on to the
+    registry itself.
+    """
+
+    # TODO: move to _errors.py beside StoreFull when that module is next
+    # edited; it lives here so that the store's owner could add it.
+    code = "UNAVAILABLE"
+    status = 503
+
+
+class DataDirInUse(OSError):
+    """Another process holds the data directory's lock."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        message = f"in use by another tcr-mirror (pid {holder})"
+        super().__init__(errno.EBUSY, message, str(path))
+
+
+def disk_error(exc: OSError, doing: str) -> RegistryError:
+    """The client's answer to a disk operation that failed.
+
+    Returns:
+        :class:`StoreFull` (507) for a full disk or quota, else
+        :class:`StoreUnavailable` (503), with ``doing`` in the message.
+    """
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in NO_SPACE:
+        return StoreFull(f"no space left on the node to {doing}: {reason}")
+    return StoreUnavailable(f"cannot {doing} on the node: {reason}")
 
 
 @dataclass(frozen=True)
@@ -74,67 +128,70 @@ class BlobEntry:
     stored_at: float
 
 
-@dataclass(frozen=True)
-class TagEntry:
-    """A cached tag: the digest it pointed at when last asked upstream."""
-
-    digest: str
-    media_type: str
-    fetched_at: float
-
-
 class BlobStore:
     """Blob files and the LMDB index, for one data directory.
 
     Not thread-safe for writers: the daemon uses it from its one trio
     thread, and hands only file descriptors to worker threads.
+
+    Raises:
+        DataDirInUse: Another process uses the data directory.
+        OSError: The directory cannot be made or written.
+        lmdb.Error: The index cannot be opened, even afresh.
     """
 
-    def __init__(self, root: Path, budget: StoreBudget | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        budget: StoreBudget | None = None,
+        *,
+        limits: IndexLimits | None = None,
+    ) -> None:
         self.root = Path(root)
         self.budget = budget or StoreBudget()
         self.tmp_dir = self.root / "tmp"
-        for directory in (self.root / "blobs", self.tmp_dir, self.root / "index"):
-            directory.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Before anything else: a second process would delete this one's
+        # fetches in recover() and evict the blobs it is sending.
+        self._lock_fd = _lock(self.root / "lock")
         try:
-            self._open_index()
-        except lmdb.Error as exc:
-            # The index can be rebuilt: blob files are named by their
-            # digest and recover() indexes them; manifests and tags are
-            # fetched again. Keep the broken one for a post-mortem.
-            broken = self.root / f"index.broken-{int(time.time())}"
-            logger.error(
-                "index_unreadable", extra={"reason": str(exc), "moved_to": str(broken)}
-            )
-            if getattr(self, "_env", None) is not None:
-                self._env.close()
-            os.rename(self.root / "index", broken)
-            (self.root / "index").mkdir()
-            self._open_index()
+            for directory in ("blobs", "tmp", "index"):
+                (self.root / directory).mkdir(exist_ok=True)
+            self._index = Index(self.root, limits)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._closed = False
         self._temp_serial = 0
-        self._used = sum(entry.size for _, entry in self.blobs())
         self._reserved: dict[Digest, int] = {}
         self._readers: collections.Counter[Digest] = collections.Counter()
         self.evictions = 0
         self.evicted_bytes = 0
+        self._load_order()
 
-    def _open_index(self) -> None:
-        self._env = lmdb.open(
-            str(self.root / "index"),
-            map_size=_MAP_SIZE,
-            max_dbs=4,
-            sync=False,
-            metasync=False,
-        )
-        self._blobs = self._env.open_db(b"blobs")
-        self._manifests = self._env.open_db(b"manifests")
-        self._tags = self._env.open_db(b"tags")
-        # Read once: a damaged file can open and fail on first use.
-        sum(1 for _ in self.blobs())
+    def _load_order(self) -> None:
+        entries = sorted(self.blobs(), key=lambda item: item[1].last_access)
+        # Blob sizes in order of use, least recent first: what serving and
+        # eviction go by; the index keeps them for the next start.
+        self._lru: collections.OrderedDict[Digest, int] = collections.OrderedDict()
+        for key, entry in entries:
+            with contextlib.suppress(RegistryError):
+                self._lru[parse_digest(key)] = entry.size
+        self._used = sum(self._lru.values())
 
     def close(self) -> None:
-        self._env.sync(True)
-        self._env.close()
+        """Flush and close the index, then let go of the directory."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._index.close()
+        finally:
+            os.close(self._lock_fd)
+
+    async def keep_synced(self) -> None:
+        """Flush the index to disk every few seconds, until cancelled."""
+        await self._index.keep_synced()
 
     # -- blobs ------------------------------------------------------------
 
@@ -142,57 +199,111 @@ class BlobStore:
         return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
 
     def blob_entry(self, digest: Digest) -> BlobEntry | None:
-        with self._env.begin(db=self._blobs) as txn:
-            raw = txn.get(str(digest).encode())
-        return None if raw is None else BlobEntry(*_BLOB_RECORD.unpack(raw))
+        return _unpack(self._index.blob_record(str(digest).encode()))
 
     def open_blob(self, digest: Digest) -> tuple[int, int] | None:
         """Open a stored blob for reading and mark it used.
 
         Returns:
             ``(fd, size)``, the caller closing the descriptor; or None when
-            the blob is not stored (or its file vanished, which drops the
-            stale index entry).
+            the blob is not stored. A file that vanished or whose length is
+            not the blob's is dropped and is None too, so it is fetched
+            again.
+
+        Raises:
+            StoreUnavailable: The file cannot be opened (too many open
+                files, permissions, an I/O error).
         """
-        entry = self.blob_entry(digest)
-        if entry is None:
+        size = self._lru.get(digest)
+        if size is None:
             return None
         try:
             fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            # Deleted behind the store's back: its bytes no longer count.
-            self._forget_blob(digest)
-            self._used -= entry.size
+            self._drop(digest, "file missing")
             return None
+        except OSError as exc:
+            raise disk_error(exc, f"open blob {digest}") from exc
         try:
-            self._put_blob(digest, BlobEntry(entry.size, time.time(), entry.stored_at))
+            actual = os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
+            raise disk_error(exc, f"open blob {digest}") from exc
+        if actual != size:
+            os.close(fd)
+            self._drop(digest, f"file has {actual} bytes, not {size}")
+            return None
+        self._lru.move_to_end(digest)
+        self._save_access(digest, size)
+        return fd, size
+
+    def _save_access(self, digest: Digest, size: int) -> None:
+        now = time.time()
+        entry = self.blob_entry(digest)
+        record = _BLOB_RECORD.pack(size, now, entry.stored_at if entry else now)
+        try:
+            self._index.put_blob_record(str(digest).encode(), record)
         except lmdb.Error as exc:
-            # Only the eviction order suffers: a full disk must not stop
-            # the node serving what it already has.
-            logger.warning("access_time_not_saved", extra={"reason": str(exc)})
-        return fd, entry.size
+            # Only the order after a restart suffers: a full disk must not
+            # stop the node serving what it already has.
+            self._index.log_once("access_time_not_saved", "blob", exc)
+
+    def drop_damaged(self, digest: Digest, fd: int, reason: str) -> None:
+        """Sending from ``fd``, a stored blob's file, failed: drop the blob.
+
+        Only if ``fd`` is still the file stored for ``digest``: one fetched
+        again meanwhile is left alone.
+        """
+        with contextlib.suppress(OSError):
+            opened = os.fstat(fd)
+            stored = os.stat(self.blob_path(digest))
+            if (opened.st_dev, opened.st_ino) != (stored.st_dev, stored.st_ino):
+                return
+        if digest in self._lru:
+            self._drop(digest, reason)
+
+    def _drop(self, digest: Digest, reason: str) -> None:
+        """Forget a stored blob whose file is wrong, and delete the file."""
+        try:
+            self.blob_path(digest).unlink(missing_ok=True)
+        except OSError as exc:
+            # Forgotten all the same: its entry is wrong, and a blob fetched
+            # again is renamed over it.
+            reason = f"{reason}; not deleted: {exc.strerror}"
+        self._index.delete_blob_record(str(digest).encode())
+        self._used -= self._lru.pop(digest, 0)
+        logger.warning("blob_dropped", extra={"digest": str(digest), "reason": reason})
 
     def new_temp_path(self, digest: Digest) -> Path:
+        # Random too: a pid is 1 in every container, and a data directory
+        # may outlive its process's pid.
         self._temp_serial += 1
-        return self.tmp_dir / f"{digest.hex}.{os.getpid()}.{self._temp_serial}"
+        unique = f"{os.getpid()}.{self._temp_serial}.{secrets.token_hex(4)}"
+        return self.tmp_dir / f"{digest.hex}.{unique}"
 
     def commit_blob(self, digest: Digest, temp_path: Path, size: int) -> Path:
         """Move a verified, fsynced temporary file into the store and index it.
 
         Returns:
             The blob's final path.
+
+        Raises:
+            StoreFull: The index cannot be written; the file is deleted.
         """
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(temp_path, final)
         now = time.time()
         try:
-            self._put_blob(digest, BlobEntry(size, now, now))
+            self._index.put_blob_record(
+                str(digest).encode(), _BLOB_RECORD.pack(size, now, now)
+            )
         except lmdb.Error as exc:
             final.unlink(missing_ok=True)
             raise StoreFull(f"cannot index blob {digest}: {exc}") from exc
         self._reserved.pop(digest, None)
-        self._used += size
+        self._used += size - self._lru.pop(digest, 0)
+        self._lru[digest] = size
         return final
 
     # -- budget -------------------------------------------------------------
@@ -222,20 +333,9 @@ class BlobStore:
             self.evict_to(int(limit * self.budget.low))
 
     def _idle_bytes(self) -> int:
-        """Bytes of stored blobs that could be evicted now.
-
-        All stored bytes but those of blobs being read: a look-up per blob
-        in use, not a scan of the index, so a reservation stays cheap in a
-        store of many thousand blobs. (Blobs being fetched are not stored
-        yet, so their look-up finds nothing.)
-        """
-        busy = 0
-        with self._env.begin(db=self._blobs) as txn:
-            for digest in self._readers:
-                raw = txn.get(str(digest).encode())
-                if raw is not None:
-                    busy += BlobEntry(*_BLOB_RECORD.unpack(raw)).size
-        return self._used - busy
+        """Bytes of stored blobs that could be evicted now: all but those
+        being read (blobs being fetched are not stored yet)."""
+        return self._used - sum(self._lru.get(d, 0) for d in self._readers)
 
     def _busy(self, digest: Digest) -> bool:
         return bool(self._readers[digest]) or digest in self._reserved
@@ -252,58 +352,91 @@ class BlobStore:
         if self._readers[digest] <= 0:
             del self._readers[digest]
 
+    def evict_bytes(self, count: int) -> int:
+        """Evict least recently used idle blobs to free ``count`` bytes.
+
+        For a full filesystem, whatever the budget says.
+
+        Returns:
+            The bytes freed; less than ``count`` when not enough are idle.
+        """
+        return self.evict_to(self.used_bytes - count)
+
     def evict_to(self, target: int) -> int:
         """Evict least recently used idle blobs until at most ``target`` bytes.
+
+        A blob whose file cannot be deleted is kept, and skipped.
 
         Returns:
             The bytes freed.
         """
         freed = 0
-        candidates = sorted(self.blobs(), key=lambda item: item[1].last_access)
-        for key, entry in candidates:
-            if self.used_bytes <= target:
+        kept: set[Digest] = set()
+        while self.used_bytes > target:
+            victims = self._victims(self.used_bytes - target, kept)
+            if not victims:
                 break
-            digest = parse_digest(key)
-            if self._busy(digest):
-                continue
-            self._forget_blob(digest)
-            self.blob_path(digest).unlink(missing_ok=True)
-            self._used -= entry.size
-            freed += entry.size
-            self.evictions += 1
-            self.evicted_bytes += entry.size
-            logger.info("blob_evicted", extra={"digest": key, "size": entry.size})
+            for digest, size in victims:
+                if self._evict(digest, size):
+                    freed += size
+                else:
+                    kept.add(digest)
         return freed
 
+    def _victims(self, count: int, kept: set[Digest]) -> list[tuple[Digest, int]]:
+        """The least recently used idle blobs that add up to ``count`` bytes."""
+        victims: list[tuple[Digest, int]] = []
+        planned = 0
+        for digest, size in self._lru.items():
+            if planned >= count:
+                break
+            if digest not in kept and not self._busy(digest):
+                victims.append((digest, size))
+                planned += size
+        return victims
+
+    def _evict(self, digest: Digest, size: int) -> bool:
+        # The file goes first: an entry forgotten for a file that stays
+        # would leave its bytes on disk and out of the count for good.
+        try:
+            self.blob_path(digest).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning(
+                "blob_not_evicted",
+                extra={"digest": str(digest), "reason": exc.strerror},
+            )
+            # Tried again only after every other blob.
+            self._lru.move_to_end(digest)
+            return False
+        self._index.delete_blob_record(str(digest).encode())
+        del self._lru[digest]
+        self._used -= size
+        self.evictions += 1
+        self.evicted_bytes += size
+        logger.info("blob_evicted", extra={"digest": str(digest), "size": size})
+        return True
+
     def blobs(self) -> Iterator[tuple[str, BlobEntry]]:
-        with self._env.begin(db=self._blobs) as txn:
-            for key, raw in txn.cursor():
-                yield bytes(key).decode(), BlobEntry(*_BLOB_RECORD.unpack(raw))
-
-    def _put_blob(self, digest: Digest, entry: BlobEntry) -> None:
-        record = _BLOB_RECORD.pack(entry.size, entry.last_access, entry.stored_at)
-        with self._env.begin(db=self._blobs, write=True) as txn:
-            txn.put(str(digest).encode(), record)
-
-    def _forget_blob(self, digest: Digest) -> None:
-        with self._env.begin(db=self._blobs, write=True) as txn:
-            txn.delete(str(digest).encode())
+        """Every blob entry of the index (read in one go); records that do
+        not parse are left out."""
+        for key, raw in self._index.blob_records():
+            entry = _unpack(raw)
+            if entry is not None:
+                yield key.decode(errors="replace"), entry
 
     # -- manifests and tags ---------------------------------------------------
 
     def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
-        """Return ``(media_type, bytes)`` of a stored manifest, or None."""
-        with self._env.begin(db=self._manifests) as txn:
-            raw = txn.get(str(digest).encode())
-        if raw is None:
-            return None
-        media_type, _, body = bytes(raw).partition(b"\n")
-        return media_type.decode(), body
+        """Return ``(media_type, bytes)`` of a stored manifest, or None.
+
+        A record that does not match its digest, or cannot be read, is None.
+        """
+        return self._index.get_manifest(digest)
 
     def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
-        # Media types cannot hold a newline (RFC 6838), so it can separate.
-        record = media_type.encode() + b"\n" + body
-        self._write_best_effort(self._manifests, str(digest).encode(), record)
+        self._index.put_manifest(digest, media_type, body)
 
     def get_tag(
         self, upstream: str, name: str, tag: str, variant: str = ""
@@ -314,25 +447,12 @@ class BlobStore:
         that accept different manifest types (an index, or the image for
         the default platform): ``variant`` names the types asked for.
         """
-        with self._env.begin(db=self._tags) as txn:
-            raw = txn.get(_tag_key(upstream, name, tag, variant))
-        return None if raw is None else TagEntry(**json.loads(bytes(raw)))
+        return self._index.get_tag(_tag_key(upstream, name, tag, variant))
 
     def put_tag(
         self, upstream: str, name: str, tag: str, entry: TagEntry, variant: str = ""
     ) -> None:
-        record = json.dumps(entry.__dict__).encode()
-        key = _tag_key(upstream, name, tag, variant)
-        self._write_best_effort(self._tags, key, record)
-
-    def _write_best_effort(self, db: Any, key: bytes, value: bytes) -> None:
-        # Manifests and tags are cheap to fetch again; a full disk only
-        # costs their caching, never the answer to the client.
-        try:
-            with self._env.begin(db=db, write=True) as txn:
-                txn.put(key, value)
-        except lmdb.Error as exc:
-            logger.warning("index_write_failed", extra={"reason": str(exc)})
+        self._index.put_tag(_tag_key(upstream, name, tag, variant), entry)
 
     # -- recovery -------------------------------------------------------------
 
@@ -342,7 +462,8 @@ class BlobStore:
         Deletes every temporary file (no fetch survives its process), drops
         index entries whose file is gone or has the wrong size, and indexes
         blob files that were renamed into place but not yet indexed (only
-        verified bytes are ever renamed there).
+        verified bytes are ever renamed there). A file that cannot be
+        indexed (a full disk) is logged and left for the next start.
 
         Returns:
             Counts of what was done, for the start-up log line.
@@ -351,34 +472,84 @@ class BlobStore:
         for temp in self.tmp_dir.iterdir():
             temp.unlink(missing_ok=True)
             counts["temp_removed"] += 1
+        indexed = self._check_entries(counts)
+        for path in (self.root / "blobs").glob("*/*/*"):
+            key = f"{path.parent.parent.name}:{path.name}"
+            if key not in indexed and self._index_file(key, path):
+                counts["files_indexed"] += 1
+        self._load_order()
+        return counts
 
+    def _check_entries(self, counts: dict[str, int]) -> set[str]:
+        """Drop the entries whose file is gone or of another size; return
+        the keys of those kept."""
         indexed: set[str] = set()
         for key, entry in list(self.blobs()):
-            digest = Digest(*key.split(":", 1))
+            try:
+                digest = parse_digest(key)
+            except RegistryError:
+                self._index.delete_blob_record(key.encode())
+                continue
             try:
                 size = self.blob_path(digest).stat().st_size
             except FileNotFoundError:
                 size = -1
             if size != entry.size:
-                self._forget_blob(digest)
+                self._index.delete_blob_record(key.encode())
                 self.blob_path(digest).unlink(missing_ok=True)
                 counts["entries_dropped"] += 1
             else:
                 indexed.add(key)
+        return indexed
 
-        for path in (self.root / "blobs").glob("*/*/*"):
-            key = f"{path.parent.parent.name}:{path.name}"
-            if key in indexed:
-                continue
-            try:
-                digest = parse_digest(key)
-            except RegistryError:
-                continue
-            now = time.time()
-            self._put_blob(digest, BlobEntry(path.stat().st_size, now, now))
-            counts["files_indexed"] += 1
-        self._used = sum(entry.size for _, entry in self.blobs())
-        return counts
+    def _index_file(self, key: str, path: Path) -> bool:
+        try:
+            parse_digest(key)
+        except RegistryError:
+            return False
+        now = time.time()
+        record = _BLOB_RECORD.pack(path.stat().st_size, now, now)
+        try:
+            self._index.put_blob_record(key.encode(), record)
+        except lmdb.Error as exc:
+            # Never a reason not to start: the file is served once indexed.
+            self._index.log_once("blob_not_indexed", "blob", exc)
+            return False
+        return True
+
+
+def _lock(path: Path) -> int:
+    """Take the data directory's lock for this process; return its fd.
+
+    ``flock`` ends with the process however it ends, so a killed node
+    leaves no stale lock behind.
+
+    Raises:
+        DataDirInUse: Another process holds it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        raise DataDirInUse(path, holder or "unknown") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    # For the message another process shows; the lock is what counts.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _unpack(raw: bytes | None) -> BlobEntry | None:
+    if raw is None or len(raw) != _BLOB_RECORD.size:
+        return None
+    return BlobEntry(*_BLOB_RECORD.unpack(raw))
 
 
 def _tag_key(upstream: str, name: str, tag: str, variant: str) -> bytes:
