@@ -9,6 +9,7 @@ let a real containerd pull through the hosts.toml files the command wrote.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -245,6 +246,110 @@ def test_a_foreign_entry_for_our_mirror_is_replaced_by_ours() -> None:
     carried = carry_over(f'[host."{MIRROR}"]\n  skip_verify = true\n'.encode())
 
     assert _parsed("ghcr.io", carried=carried)["host"] == {MIRROR: PULL_ONLY}
+
+
+# Host entries that only containerd 1.5 to 1.7 reads: 2.0+ lists hosts by
+# their table headers, so it skips dotted keys and inline tables.
+
+ENTRY_FORMS = b"""
+host."https://dotted.example".ca = "d.pem"
+host."https://inline.example" = { capabilities = ["pull"] }
+note = \"""
+[host."https://in-a-string.example"]
+\"""
+
+[host."https://header.example"]  # [host."https://in-a-comment.example"]
+  client = [
+    ["a.cert", "a.key"],
+  ]
+
+[ "host" . 'https://sub-table.example'.header ]
+  X-Sub = "1"
+"""
+
+
+def test_hosts_without_a_table_header_are_carried_apart() -> None:
+    carried = carry_over(ENTRY_FORMS)
+
+    assert carried.hosts == (
+        ("https://header.example", {"client": [["a.cert", "a.key"]]}),
+        ("https://sub-table.example", {"header": {"X-Sub": "1"}}),
+    )
+    assert carried.unlisted == (
+        ("https://dotted.example", {"ca": "d.pem"}),
+        ("https://inline.example", {"capabilities": ["pull"]}),
+    )
+
+
+def test_unlisted_hosts_follow_the_mirror_as_dotted_keys() -> None:
+    # Under [host], which 2.0+ passes over; 1.x puts an inline table first.
+    dotted = ("https://dotted.example", {"ca": "d.pem", "header": {"A": SECRET}})
+    carried = Carried(
+        hosts=(("https://header.example", {}),),
+        unlisted=(dotted, ("https://bare.example", {}), (MIRROR, {"ca": "x"})),
+    )
+
+    text = render_hosts_toml("ghcr.io", MIRROR, carried=carried)
+    shown = render_hosts_toml("ghcr.io", MIRROR, carried=carried, redact_secrets=True)
+
+    assert text.endswith(
+        '\n[host."https://header.example"]\n'
+        "\n[host]\n"
+        '  "https://dotted.example".ca = "d.pem"\n'
+        f'  "https://dotted.example".header = {{ "A" = "{SECRET}" }}\n'
+        '  "https://bare.example".capabilities = ["pull", "resolve", "push"]\n'
+    )
+    assert carry_over(text.encode()) == Carried(
+        server="https://ghcr.io",
+        hosts=((MIRROR, PULL_ONLY), ("https://header.example", {})),
+        unlisted=(dotted, ("https://bare.example", _ALL_CAPABILITIES)),
+    )
+    assert SECRET not in shown
+
+
+_ALL_CAPABILITIES = {"capabilities": ["pull", "resolve", "push"]}
+_ENTRY = {
+    "header": '[host.{key}]\n  ca = "x"\n',
+    "sub-table": '[host.{key}.header]\n  X = "1"\n',
+    "dotted": 'host.{key}.ca = "x"\n',
+    "inline": 'host.{key} = {{ ca = "x" }}\n',
+}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(blacklist_categories=["Cs", "Cc"]), max_size=12),
+            st.sampled_from(sorted(_ENTRY)),
+            st.booleans(),
+        ),
+        max_size=6,
+        unique_by=lambda entry: entry[0],
+    )
+)
+def test_only_hosts_named_by_a_table_header_are_listed(
+    entries: list[tuple[str, str, bool]],
+) -> None:
+    # Dotted keys and inline tables must come before the first header.
+    top = [entry for entry in entries if entry[1] in ("dotted", "inline")]
+    tables = [entry for entry in entries if entry not in top]
+    document = "".join(
+        _ENTRY[form].format(key=_toml_key(url, literal))
+        for url, form, literal in top + tables
+    )
+
+    carried = carry_over(document.encode())
+
+    assert [url for url, _ in carried.hosts] == [url for url, _, _ in tables]
+    assert [url for url, _ in carried.unlisted] == [url for url, _, _ in top]
+
+
+def _toml_key(text: str, literal: bool) -> str:
+    return (
+        f"'{text}'"
+        if literal and "'" not in text
+        else json.dumps(text, ensure_ascii=False)
+    )
 
 
 def test_shown_files_hide_headers_and_user_info() -> None:
@@ -1026,6 +1131,40 @@ def test_containerd_falls_back_to_the_registry_when_the_mirror_is_down(
     assert result.returncode == 0, result.stderr
     digest, _ = image.layers[0]
     assert registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 1
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mirror_up", [True, False])
+def test_containerd_1_x_tries_a_carried_inline_host_after_the_mirror(
+    registry: Registry,
+    registry_factory: Callable[..., Registry],
+    containerd: Containerd,
+    tmp_path: Path,
+    mirror_up: bool,
+) -> None:
+    # Debian's containerd 1.6 reads an inline host entry, and before any
+    # [host."URL"] table; in our file it comes after the mirror.
+    image = push_image(registry, "lib/app", "v1", layer_sizes=[1500])
+    corp = registry_factory(proxy_remote=registry.url)
+    ours = registry_factory(proxy_remote=registry.url) if mirror_up else None
+    certs = tmp_path / "certs.d"
+    _write(
+        certs / registry.host / "hosts.toml",
+        f'server = "{registry.url}"\n'
+        f'host."{corp.url}" = {{ capabilities = ["pull", "resolve"] }}\n'.encode(),
+    )
+    _configure(
+        certs, ours.url if ours else f"http://127.0.0.1:{free_port()}", registry.host
+    )
+
+    result = containerd.pull(f"{registry.host}/lib/app:v1", certs)
+
+    assert result.returncode == 0, result.stderr
+    digest, _ = image.layers[0]
+    blob = f"/v2/lib/app/blobs/{digest}"
+    served = [len(m.requests_for("GET", blob)) for m in (ours, corp) if m]
+    assert served == ([1, 0] if mirror_up else [1])
+    assert registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 0
 
 
 @pytest.mark.root

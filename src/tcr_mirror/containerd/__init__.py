@@ -23,7 +23,8 @@ are pure functions; the layer below them reads and writes the files:
 
 - ``_names`` and ``_redact`` check registry names and the mirror URL, and
   keep credentials out of messages;
-- ``_carry`` reads what containerd made of the configuration we replace,
+- ``_carry`` reads what containerd made of the configuration we replace
+  (with ``_toml_headers``, as containerd 2.0+ lists hosts by table header),
   and ``_render`` writes the hosts.toml that keeps it behind the mirror;
 - ``_steps`` decides, for each state on disk, what installing and undoing do;
 - ``_lookup`` finds the directory containerd reads for a registry, and the

@@ -7,6 +7,8 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ._toml_headers import _header_keys
+
 __all__ = ["Carried", "carry_over"]
 
 
@@ -76,12 +78,18 @@ class Carried:
     Attributes:
         server: the ``server`` URL, verbatim; None when there was none.
         settings: the server's own settings (the top-level keys).
-        hosts: the ``[host."URL"]`` entries and their settings, in order.
+        hosts: the host entries named by a table header (``[host."URL"]``,
+            or only a sub-table such as ``[host."URL".header]``) and their
+            settings, in order; every containerd tries them.
+        unlisted: the host entries written only as dotted keys or inline
+            tables, in order; containerd 1.5 to 1.7 try them, 2.0+ does
+            not.
     """
 
     server: str | None = None
     settings: Mapping[str, object] = field(default_factory=dict)
     hosts: tuple[tuple[str, Mapping[str, object]], ...] = ()
+    unlisted: tuple[tuple[str, Mapping[str, object]], ...] = ()
 
 
 def carry_over(original: bytes | None, cert_files: Sequence[str] = ()) -> Carried:
@@ -108,7 +116,8 @@ def carry_over(original: bytes | None, cert_files: Sequence[str] = ()) -> Carrie
 
 def _parse_hosts_toml(data: bytes) -> Carried | None:
     try:
-        document = tomllib.loads(data.decode())
+        text = data.decode()
+        document = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     server = document.get("server", "")
@@ -118,20 +127,33 @@ def _parse_hosts_toml(data: bytes) -> Carried | None:
         return None
     # containerd 1.6 also gave up on a file without any [host] table and
     # used the certificate files; later versions read it, and so do we.
-    # TODO: Skip host entries written as dotted keys or inline tables:
-    # containerd 1.7+ lists hosts by their [host."URL"] headers only, so it
-    # never used them, but we carry them over as if it had.
-    hosts = []
+
+    # Which hosts containerd tries depends on its version: 2.0+ lists them
+    # by their table headers (getSortedHosts in remotes/docker/config/
+    # hosts.go), so it never sees an entry written as a dotted key or an
+    # inline table, while 1.5 to 1.7 list every key of the host table. Those
+    # entries are kept apart, to be written in a form that only the older
+    # versions read. One that 1.x would refuse makes us refuse the file, as
+    # 1.x does, although 2.0+ would not have looked at it.
+    listed = _listed_hosts(text)
+    hosts: list[tuple[str, Mapping[str, object]]] = []
+    unlisted: list[tuple[str, Mapping[str, object]]] = []
     for url, table in tables.items():
         host = _settings(table)
         if host is None:
             return None
-        hosts.append((url, host))
+        (hosts if url in listed else unlisted).append((url, host))
     if not server:
         # containerd ignores override_path without a server; beside the
         # server we write, it would cut /v2 off the registry's URL.
         settings.pop("override_path", None)
-    return Carried(server or None, settings, tuple(hosts))
+    return Carried(server or None, settings, tuple(hosts), tuple(unlisted))
+
+
+def _listed_hosts(text: str) -> set[str]:
+    """The hosts that containerd 2.0+ finds: each named in a table header."""
+    keys = _header_keys(text)
+    return {parts[1] for parts in keys if len(parts) > 1 and parts[0] == "host"}
 
 
 def _settings(table: object) -> dict[str, object] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ._carry import Carried
 from ._errors import HostsConfigError
@@ -46,6 +46,9 @@ def _is_loopback_ip(host: str) -> bool:
         return False
 
 
+# A host without settings, as containerd reads it; a dotted key needs a value.
+_NO_SETTINGS = {"capabilities": ["pull", "resolve", "push"]}
+
 # TOML basic strings must escape quotes, backslashes and control characters.
 _TOML_ESCAPES = {code: f"\\u{code:04x}" for code in (*range(0x20), 0x7F)}
 _TOML_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n"})
@@ -76,14 +79,32 @@ def _toml_value(value: object) -> str:
 
 
 def _setting_lines(
-    settings: Mapping[str, object], indent: str, *, redact_secrets: bool
+    settings: Mapping[str, object], prefix: str, *, redact_secrets: bool
 ) -> list[str]:
     lines = []
     for key, value in settings.items():
         if key == "header" and redact_secrets and isinstance(value, dict):
             value = dict.fromkeys(value, "***")
-        lines.append(f"{indent}{key} = {_toml_value(value)}")
+        lines.append(f"{prefix}{key} = {_toml_value(value)}")
     return lines
+
+
+def _unlisted_lines(
+    hosts: Sequence[tuple[str, Mapping[str, object]]], *, redact_secrets: bool
+) -> list[str]:
+    """The hosts only containerd 1.5 to 1.7 tries, as they still read them.
+
+    They go under ``[host]`` as dotted keys, which 2.0+ passes over as it did
+    before. 1.x sorts hosts by line, so these come after the mirror; an
+    inline table would not, as 1.x sorts it as if on line 0 (seen with 1.6).
+    """
+    url: Callable[[str], str] = redact if redact_secrets else str
+    lines = []
+    for host, settings in hosts:
+        prefix = f"  {_toml_string(url(host))}."
+        shown = settings or _NO_SETTINGS
+        lines += _setting_lines(shown, prefix, redact_secrets=redact_secrets)
+    return ["", "[host]", *lines] if lines else []
 
 
 def render_hosts_toml(
@@ -135,6 +156,8 @@ def render_hosts_toml(
     for host, settings in carried.hosts:
         if host != mirror:
             lines += ["", f"[host.{_toml_string(url(host))}]", *show(settings, "  ")]
+    unlisted = [(host, s) for host, s in carried.unlisted if host != mirror]
+    lines += _unlisted_lines(unlisted, redact_secrets=redact_secrets)
     return "\n".join(lines) + "\n"
 
 
