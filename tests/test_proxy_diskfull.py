@@ -8,16 +8,21 @@ from a real docker-registry. Two limits are exercised:
   used blobs are evicted and fetched again when asked, the store never
   passes the budget, a blob being sent to a client is never evicted, and a
   blob larger than the budget is refused with an OCI error;
-* the filesystem itself running out of space: the fetch that hits ENOSPC
-  fails cleanly (an OCI error, or a body cut short, never a complete wrong
-  one), leaves no file behind and no index entry, and the same pull works
-  once there is room again.
+* the filesystem itself running out of space, with no budget set: a fetch
+  whose space cannot be claimed evicts least recently used idle blobs to
+  fit, and one that still cannot fit (the idle blobs are too few, or being
+  read) fails cleanly (an OCI error, or a body cut short, never a complete
+  wrong one), leaves no file behind and no index entry, and the same pull
+  works once there is room again. A filesystem out of inodes is a ``507``
+  as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -65,13 +70,17 @@ def large(module_registry: Registry) -> PushedImage:
 
 
 @pytest.fixture
-def filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A fresh 24 MiB tmpfs, unmounted at teardown (also after a failure)."""
+def filesystem(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh 24 MiB tmpfs, unmounted at teardown (also after a failure).
+
+    Parametrized indirectly, the parameter adds mount options.
+    """
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mountpoint = tmp_path / "fs"
     mountpoint.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE}", "tmpfs", str(mountpoint)]
+    options = ",".join([f"size={FS_SIZE}", *getattr(request, "param", [])])
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)]
     result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
@@ -380,6 +389,32 @@ def fill(path: Path, size: int | None) -> None:
             written += len(chunk)
 
 
+def test_disk_full_evicts_idle_blobs_to_fit_the_next_one(
+    node_factory: NodeFactory,
+    filesystem: Path,
+    module_registry: Registry,
+    large: PushedImage,
+) -> None:
+    node = node_factory()
+    (stored, _), (wanted, _) = large.layers
+    asked = upstream_gets(module_registry, stored, wanted)
+    assert_got(pull_blob(node, stored), stored)
+    # Leave room for part of the next blob only; no budget is set.
+    fill(filesystem / "filler", free_bytes(filesystem) - 4 * MIB)
+
+    assert_got(pull_blob(node, wanted), wanted)
+
+    assert [e["digest"] for e in events(node, "blob_evicted")] == [stored]
+    assert set(blob_files(node)) == {hex_of(wanted)}
+    assert temp_files(node) == []
+    # And back: the blob evicted is fetched again, in the room of the other.
+    assert_got(pull_blob(node, stored), stored)
+    assert set(blob_files(node)) == {hex_of(stored)}
+    assert upstream_gets(module_registry, stored, wanted) - asked == (2, 1)
+    assert node.stop() == 0
+    assert index_of(node) == blob_files(node)
+
+
 def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     node_factory: NodeFactory,
     filesystem: Path,
@@ -387,12 +422,14 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     large: PushedImage,
 ) -> None:
     node = node_factory()
-    (stored, _), (wanted, wanted_data) = large.layers
+    (stored, stored_data), (wanted, wanted_data) = large.layers
     asked = upstream_gets(module_registry, stored)
     assert_got(pull_blob(node, stored), stored)
     filler = filesystem / "filler"
-    # Leave room for part of the next blob only.
+    # Leave room for part of the next blob only, and keep the one blob
+    # that could make room busy being read.
     fill(filler, free_bytes(filesystem) - 4 * MIB)
+    reader = SlowReader(node, stored)
 
     failed = pull_blob(node, wanted)
 
@@ -403,6 +440,8 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     assert any("no space" in reason for reason in reasons), reasons
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}
+    assert reader.finish() == stored_data
+    assert events(node, "blob_evicted") == []
 
     assert_got(pull_blob(node, stored), stored)
 
@@ -433,8 +472,35 @@ def test_stored_blobs_are_served_while_the_disk_is_full(
     fill(filesystem / "filler", None)
 
     # Reading a stored blob needs no new space; the missing one fails
-    # cleanly, and neither leaves a file behind.
+    # cleanly (the stored one, being read, cannot make room), and neither
+    # leaves a file behind.
     assert_got(pull_blob(node, stored), stored)
+    reader = SlowReader(node, stored)
     assert_clean_failure(pull_blob(node, wanted), wanted_data)
+    assert digest_of(reader.finish()) == stored
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}
+
+
+@pytest.mark.parametrize("filesystem", [["nr_inodes=32"]], indirect=True)
+def test_no_inode_left_for_a_fetch_is_a_507(
+    node_factory: NodeFactory, filesystem: Path, large: PushedImage
+) -> None:
+    node = node_factory()
+    (wanted, _), _ = large.layers
+    fillers = filesystem / "fillers"
+    fillers.mkdir()
+    taken = 0
+    with contextlib.suppress(OSError):
+        for n in range(1000):
+            (fillers / str(n)).touch()
+            taken += 1
+    assert 0 < taken < 1000
+
+    refused = pull_blob(node, wanted)
+
+    assert refused.status == 507, refused.body[:300]
+    assert refused.error_code() == "UNAVAILABLE"
+    assert temp_files(node) == []
+    shutil.rmtree(fillers)
+    assert_got(pull_blob(node, wanted), wanted)

@@ -318,6 +318,11 @@ class BlobFetcher:
         Raises:
             OSError: The space cannot be claimed, even after evicting.
         """
+        # TODO: a write that fails with ENOSPC after this (a filesystem
+        # that over-commits fallocate: thin LVM, copy-on-write) still fails
+        # the fetch; it could evict and resume from the first byte not
+        # written, as a cut body does, once _Pump hashes only what it wrote.
+        # Out of inodes (os.open in fetch()) evicts nothing either.
         try:
             await _allocate(fd, size)
         except OSError as exc:

@@ -55,6 +55,8 @@ SYNC_INTERVAL = 5.0
 _MAX_LOGGED = 64
 
 
+# TODO: the limits are not in NodeConfig yet; a node with more images than
+# 20,000 manifests asks the upstream again for the least recently used.
 @dataclass(frozen=True)
 class IndexLimits:
     """How large the index may grow.
@@ -156,8 +158,8 @@ class Index:
         self._manifest_order = _Recent(
             self.limits.manifests, self.limits.manifest_bytes
         )
-        for key, value in self._items(self._manifests):
-            self._manifest_order.add(key, len(value))
+        for key, size in self._sizes(self._manifests):
+            self._manifest_order.add(key, size)
         self._tag_order = _Recent(self.limits.tags, 1 << 62)
         for key, _ in sorted(self._items(self._tags), key=_resolved_at):
             self._tag_order.add(key, 0)
@@ -287,6 +289,8 @@ class Index:
         try:
             self._write(change)
         except lmdb.Error as exc:
+            # The keys it would have dropped stay in the database, out of
+            # the order until the next start: a few, on a full disk only.
             order.remove(key)
             self.log_once("index_write_failed", "put", exc)
             return
@@ -298,6 +302,12 @@ class Index:
     def _items(self, db: Any) -> list[tuple[bytes, bytes]]:
         with self._env.begin(db=db) as txn:
             return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+
+    def _sizes(self, db: Any) -> list[tuple[bytes, int]]:
+        # Buffers into the map: the values' lengths without copying them
+        # (up to the manifests' byte limit) into memory.
+        with self._env.begin(db=db, buffers=True) as txn:
+            return [(bytes(k), len(v)) for k, v in txn.cursor()]
 
     def _get(self, db: Any, key: bytes, what: str) -> bytes | None:
         try:
