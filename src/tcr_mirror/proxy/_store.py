@@ -150,24 +150,24 @@ class BlobStore:
         self.root = Path(root)
         self.budget = budget or StoreBudget()
         self.tmp_dir = self.root / "tmp"
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Making the directories touches nothing another process holds.
+        for directory in ("blobs", "tmp", "index"):
+            (self.root / directory).mkdir(parents=True, exist_ok=True)
         # Before anything else: a second process would delete this one's
         # fetches in recover() and evict the blobs it is sending.
         self._lock_fd = _lock(self.root / "lock")
-        try:
-            for directory in ("blobs", "tmp", "index"):
-                (self.root / directory).mkdir(exist_ok=True)
-            self._index = Index(self.root, limits)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
         self._closed = False
         self._temp_serial = 0
         self._reserved: dict[Digest, int] = {}
         self._readers: collections.Counter[Digest] = collections.Counter()
         self.evictions = 0
         self.evicted_bytes = 0
-        self._load_order()
+        try:
+            self._index = Index(self.root, limits)
+            self._load_order()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def _load_order(self) -> None:
         entries = sorted(self.blobs(), key=lambda item: item[1].last_access)
