@@ -19,7 +19,7 @@ import lmdb
 import pytest
 import trio
 
-from tcr_mirror.proxy._errors import StoreFull
+from tcr_mirror.proxy._errors import StoreFull, StoreUnavailable
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._oci import Digest, parse_digest
 from tcr_mirror.proxy._store import (
@@ -27,7 +27,6 @@ from tcr_mirror.proxy._store import (
     DataDirInUse,
     IndexLimits,
     StoreBudget,
-    StoreUnavailable,
     TagEntry,
 )
 from tcr_mirror.proxy._upstream import Upstream

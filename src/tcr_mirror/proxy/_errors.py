@@ -25,6 +25,7 @@ __all__ = [
     "RegistryError",
     "RequestTooLarge",
     "StoreFull",
+    "StoreUnavailable",
     "TagInvalid",
     "TooManyRequests",
     "Unauthorized",
@@ -177,3 +178,14 @@ class StoreFull(RegistryError):
 
     code = "UNAVAILABLE"
     status = 507
+
+
+class StoreUnavailable(RegistryError):
+    """The node's disk failed an operation (other than by being full).
+
+    Answered like an unreachable upstream, so containerd moves on to the
+    registry itself.
+    """
+
+    code = "UNAVAILABLE"
+    status = 503

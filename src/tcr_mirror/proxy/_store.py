@@ -48,7 +48,7 @@ from pathlib import Path
 
 import lmdb
 
-from tcr_mirror.proxy._errors import RegistryError, StoreFull
+from tcr_mirror.proxy._errors import RegistryError, StoreFull, StoreUnavailable
 from tcr_mirror.proxy._index import Index, IndexLimits, TagEntry
 from tcr_mirror.proxy._oci import Digest, parse_digest
 
@@ -58,7 +58,6 @@ __all__ = [
     "DataDirInUse",
     "IndexLimits",
     "StoreBudget",
-    "StoreUnavailable",
     "TagEntry",
     "disk_error",
 ]
@@ -68,19 +67,6 @@ logger = logging.getLogger(__name__)
 # size, last access, time stored
 _BLOB_RECORD = struct.Struct("<Qdd")
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class StoreUnavailable(RegistryError):
-    """The node's disk failed an operation (other than by being full).
-
-    Answered like an unreachable upstream, so containerd moves on to the
-    registry itself.
-    """
-
-    # TODO: move to _errors.py beside StoreFull when that module is next
-    # edited; it lives here so that the store's owner could add it.
-    code = "UNAVAILABLE"
-    status = 503
 
 
 class DataDirInUse(OSError):
