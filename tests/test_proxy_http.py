@@ -9,6 +9,7 @@ a drain, connections past the limit).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,8 +19,17 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from tcr_mirror.proxy._http import FileBody, HttpServer, Request, Response
+from tcr_mirror.proxy._http import (
+    _MIN_PROGRESS,
+    _SEND_STALL_TIMEOUT,
+    FileBody,
+    HttpServer,
+    Request,
+    Response,
+    _Progress,
+)
 
 # Generous: a hang must fail the test, not stall the suite.
 HANG = 30.0
@@ -167,6 +177,33 @@ async def test_connections_past_the_limit_are_closed_at_once() -> None:
     assert refused == b""
     assert status_of(served) == 200
     assert server.statistics()["connections_refused"] == 1
+
+
+async def test_a_body_s_client_must_keep_taking_bytes_not_just_some(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Any progress used to restart the stall timer, so a client taking a
+    little now and then held its connection and the blob file for ever."""
+    progress = _Progress()
+    started = trio.current_time()
+    assert progress.scope.deadline == started + _SEND_STALL_TIMEOUT
+
+    await trio.sleep(30)
+    progress.sent(_MIN_PROGRESS - 1)
+    assert progress.scope.deadline == started + _SEND_STALL_TIMEOUT
+    progress.sent(1)
+    assert progress.scope.deadline == trio.current_time() + _SEND_STALL_TIMEOUT
+
+    # Waiting for the upstream does not count against the client.
+    left = progress.scope.deadline - trio.current_time()
+    with progress.paused():
+        assert progress.scope.deadline == math.inf
+        await trio.sleep(1000)
+    assert progress.scope.deadline == trio.current_time() + left
+
+    with progress.scope:
+        await trio.sleep(2 * _SEND_STALL_TIMEOUT)
+    assert progress.scope.cancelled_caught
 
 
 # Closing without destroying the last answer.

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -39,7 +39,7 @@ from tcr_mirror.proxy._errors import (
 )
 from tcr_mirror.proxy._fetch import BlobFetch, FetchAborted
 from tcr_mirror.proxy._pacing import same_host, unpace_if_same_host
-from tcr_mirror.proxy._sendfile import send_stored, sendfile_on_loop
+from tcr_mirror.proxy._sendfile import SendStalled, send_stored, sendfile_on_loop
 
 __all__ = [
     "FileBody",
@@ -62,6 +62,10 @@ _IDLE_TIMEOUT = 120.0
 # A client that takes no bytes at all for this long is dropped, so a reader
 # that stopped reading cannot hold a connection and a blob file forever.
 _SEND_STALL_TIMEOUT = 60.0
+# Nor can one that reads a little now and then: a body's client must take
+# this much (or the rest of the body) in every stall period spent sending
+# to it, 256 KiB/s, far below what containerd writes even to a slow disk.
+_MIN_PROGRESS = 15 << 20
 # How long a closing connection reads what the client still sends (see
 # _linger), and how often refused connections are logged at most.
 _LINGER_TIMEOUT = 2.0
@@ -540,21 +544,54 @@ async def _send_file(
     stream: trio.SocketStream, body: FileBody, on_sent: Callable[[str, int], None]
 ) -> None:
     sock = stream.socket
-    position, end = body.offset, body.offset + body.length
-    if body.fetch is None:
-        await send_stored(
-            sock,
-            body.fd,
-            position,
-            body.length,
-            _SEND_STALL_TIMEOUT,
-            lambda sent: on_sent("store", sent),
+    progress = _Progress()
+    with progress.scope:
+        if body.fetch is None:
+            await send_stored(
+                sock,
+                body.fd,
+                body.offset,
+                body.length,
+                _SEND_STALL_TIMEOUT,
+                lambda sent: on_sent("store", progress.sent(sent)),
+            )
+            return
+        position, end = body.offset, body.offset + body.length
+        while position < end:
+            # Waiting for the upstream is no fault of the client's.
+            with progress.paused():
+                limit = min(end, await body.fetch.wait_available(position, end))
+            sent = await sendfile_on_loop(
+                sock, body.fd, position, limit - position, _SEND_STALL_TIMEOUT
+            )
+            on_sent("upstream", progress.sent(sent))
+            position += sent
+    if progress.scope.cancelled_caught:
+        raise SendStalled(f"the client took less than {_MIN_PROGRESS} bytes in time")
+
+
+class _Progress:
+    """The deadline by which a body's client must have taken
+    :data:`_MIN_PROGRESS` more bytes, moved on each time it has."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope(
+            deadline=trio.current_time() + _SEND_STALL_TIMEOUT
         )
-        return
-    while position < end:
-        limit = min(end, await body.fetch.wait_available(position, end))
-        sent = await sendfile_on_loop(
-            sock, body.fd, position, limit - position, _SEND_STALL_TIMEOUT
-        )
-        on_sent("upstream", sent)
-        position += sent
+        self._taken = 0
+
+    def sent(self, count: int) -> int:
+        self._taken += count
+        if self._taken >= _MIN_PROGRESS:
+            self._taken = 0
+            self.scope.deadline = trio.current_time() + _SEND_STALL_TIMEOUT
+        return count
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        left = self.scope.deadline - trio.current_time()
+        self.scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            self.scope.deadline = trio.current_time() + left
