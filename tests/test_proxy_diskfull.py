@@ -504,3 +504,22 @@ def test_no_inode_left_for_a_fetch_is_a_507(
     assert temp_files(node) == []
     shutil.rmtree(fillers)
     assert_got(pull_blob(node, wanted), wanted)
+
+
+@pytest.mark.parametrize("filesystem", [["nr_inodes=32"]], indirect=True)
+def test_no_inode_left_evicts_an_idle_blob_to_free_one(
+    node_factory: NodeFactory, filesystem: Path, large: PushedImage
+) -> None:
+    node = node_factory()
+    (stored, _), (wanted, _) = large.layers
+    assert_got(pull_blob(node, stored), stored)
+    fillers = filesystem / "fillers"
+    fillers.mkdir()
+    with contextlib.suppress(OSError):
+        for n in range(1000):
+            (fillers / str(n)).touch()
+
+    assert_got(pull_blob(node, wanted), wanted)
+    assert set(blob_files(node)) == {hex_of(wanted)}
+    assert events(node, "blob_inode_made")
+    assert temp_files(node) == []

@@ -217,15 +217,29 @@ class BlobFetcher:
         if existing is not None:
             return existing
         path = self._store.new_temp_path(digest)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            raise disk_error(exc, f"fetch blob {digest}") from exc
+        fd = self._create(path, digest)
         fetch = BlobFetch(digest, path, (upstream.key, repository))
         self._fetches[digest] = fetch
         self._nursery.start_soon(self._run, fetch, fd, upstream, repository)
         return fetch
+
+    def _create(self, path: Path, digest: Digest) -> int:
+        """Create a fetch's temporary file; out of inodes (or a quota's),
+        evict the two least recently used idle blobs first, since storing
+        the blob may take a directory besides its file."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as exc:
+            evicted = exc.errno in NO_SPACE and self._store.evict_bytes(1)
+            if not evicted:
+                raise disk_error(exc, f"fetch blob {digest}") from exc
+            self._store.evict_bytes(1)
+        logger.info("blob_inode_made", extra={"digest": str(digest)})
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise disk_error(exc, f"fetch blob {digest}") from exc
 
     def abandon(self, fetch: BlobFetch) -> None:
         """Let the next request for the blob start a fetch of its own.
@@ -322,7 +336,6 @@ class BlobFetcher:
         # that over-commits fallocate: thin LVM, copy-on-write) still fails
         # the fetch; it could evict and resume from the first byte not
         # written, as a cut body does, once _Pump hashes only what it wrote.
-        # Out of inodes (os.open in fetch()) evicts nothing either.
         try:
             await _allocate(fd, size)
         except OSError as exc:

@@ -384,8 +384,9 @@ class BlobStore:
     def _evict(self, digest: Digest, size: int) -> bool:
         # The file goes first: an entry forgotten for a file that stays
         # would leave its bytes on disk and out of the count for good.
+        path = self.blob_path(digest)
         try:
-            self.blob_path(digest).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -396,6 +397,10 @@ class BlobStore:
             # Tried again only after every other blob.
             self._lru.move_to_end(digest)
             return False
+        # An empty prefix directory goes too: on a disk out of inodes,
+        # that is one more for the blob this eviction makes room for.
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
         self._index.delete_blob_record(str(digest).encode())
         del self._lru[digest]
         self._used -= size
