@@ -13,8 +13,8 @@ from a real docker-registry. Two limits are exercised:
   fit, and one that still cannot fit (the idle blobs are too few, or being
   read) fails cleanly (an OCI error, or a body cut short, never a complete
   wrong one), leaves no file behind and no index entry, and the same pull
-  works once there is room again. A filesystem out of inodes is a ``507``
-  as well.
+  works once there is room again. A filesystem out of inodes evicts idle
+  blobs too, and without any is a ``507`` as well.
 """
 
 from __future__ import annotations

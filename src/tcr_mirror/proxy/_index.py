@@ -55,8 +55,10 @@ SYNC_INTERVAL = 5.0
 _MAX_LOGGED = 64
 
 
-# TODO: the limits are not in NodeConfig yet; a node with more images than
-# 20,000 manifests asks the upstream again for the least recently used.
+# The caps are fixed rather than configured: a node runs tens or hundreds
+# of images, each a few manifests, and one with more than 20,000 merely
+# asks the upstream again for the least recently used (blobs, the bulk,
+# are bounded by the byte budget or the disk, not by these).
 @dataclass(frozen=True)
 class IndexLimits:
     """How large the index may grow.
