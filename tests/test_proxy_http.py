@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry
 
 from tcr_mirror.proxy._http import (
     _MIN_PROGRESS,
@@ -30,6 +31,7 @@ from tcr_mirror.proxy._http import (
     Response,
     _Progress,
 )
+from tcr_mirror.proxy._metrics import ConnectionCollector
 
 # Generous: a hang must fail the test, not stall the suite.
 HANG = 30.0
@@ -177,6 +179,12 @@ async def test_connections_past_the_limit_are_closed_at_once() -> None:
     assert refused == b""
     assert status_of(served) == 200
     assert server.statistics()["connections_refused"] == 1
+    registry = CollectorRegistry()
+    registry.register(ConnectionCollector(server.statistics))
+    assert registry.get_sample_value("tcr_mirror_client_connections_limit") == 2
+    refusals = "tcr_mirror_client_connections_refused_total"
+    assert registry.get_sample_value(refusals) == 1
+    assert registry.get_sample_value("tcr_mirror_client_connections") == 0
 
 
 async def test_a_body_s_client_must_keep_taking_bytes_not_just_some(

@@ -600,6 +600,10 @@ def test_metrics_health_and_request_logs(
         )
         > 0
     )
+    # The node takes its hard open-file limit; half of it is for clients.
+    assert value("tcr_mirror_client_connections_limit") >= 16
+    assert value("tcr_mirror_client_connections_refused_total") == 0
+    assert value("tcr_mirror_client_connections") >= 0
 
     requests = [e for e in node.events() if e.get("event") == "request"]
     assert len(requests) == 3

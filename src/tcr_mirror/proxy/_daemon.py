@@ -42,7 +42,11 @@ from tcr_mirror.proxy._credentials import ControlPlaneCredentials
 from tcr_mirror.proxy._fetch import BlobFetcher
 from tcr_mirror.proxy._http import Handler, HttpServer, Request, Response
 from tcr_mirror.proxy._httpproxy import ProxyPolicy
-from tcr_mirror.proxy._metrics import MirrorMetrics, StoreCollector
+from tcr_mirror.proxy._metrics import (
+    ConnectionCollector,
+    MirrorMetrics,
+    StoreCollector,
+)
 from tcr_mirror.proxy._mirror import Mirror, Upstreams
 from tcr_mirror.proxy._store import BlobStore, StoreBudget
 from tcr_mirror.proxy._upstream import (
@@ -292,6 +296,7 @@ class Node:
             quiet_paths=_PROBES,
             max_connections=_max_connections(),
         )
+        self.metrics.registry.register(ConnectionCollector(self._server.statistics))
         await nursery.start(self._serve_clients, self._server)
         if self._metrics_listeners:
             metrics_server = HttpServer(self._metrics_handler(), log_requests=False)

@@ -186,12 +186,13 @@ class HttpServer:
             waiting.cancel()
 
     def statistics(self) -> dict[str, int]:
-        """Open connections, responses being made or sent, and connections
-        refused for being past ``max_connections``."""
+        """Open connections, responses being made or sent, connections
+        refused for being past ``max_connections``, and that limit."""
         return {
             "connections": self._connections,
             "responses_in_flight": self._responding,
             "connections_refused": self._refused,
+            "max_connections": self._max_connections,
         }
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:

@@ -14,7 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["MirrorMetrics", "RequestCounter", "StoreCollector", "method_label"]
+__all__ = [
+    "ConnectionCollector",
+    "MirrorMetrics",
+    "RequestCounter",
+    "StoreCollector",
+    "method_label",
+]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -146,4 +152,34 @@ class StoreCollector(Collector):
             "tcr_mirror_blob_fetches_in_flight",
             "Blob fetches from upstream running now.",
             value=self._fetches_in_flight(),
+        )
+
+
+class ConnectionCollector(Collector):
+    """Reads the mirror's client connections at scrape time.
+
+    Args:
+        statistics: The server's ``statistics()``: ``connections``,
+            ``connections_refused`` and ``max_connections``.
+    """
+
+    def __init__(self, statistics: Callable[[], dict[str, int]]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        figures = self._statistics()
+        yield GaugeMetricFamily(
+            "tcr_mirror_client_connections",
+            "Client connections open.",
+            value=figures["connections"],
+        )
+        yield GaugeMetricFamily(
+            "tcr_mirror_client_connections_limit",
+            "Client connections served at most at once.",
+            value=figures["max_connections"],
+        )
+        yield CounterMetricFamily(
+            "tcr_mirror_client_connections_refused",
+            "Client connections closed at once for being past the limit.",
+            value=figures["connections_refused"],
         )
