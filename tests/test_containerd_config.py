@@ -225,14 +225,45 @@ def test_docker_style_cert_files_become_the_servers_settings() -> None:
 
 @pytest.mark.parametrize(
     "foreign",
-    [b"server = [", b"server = 5", b'ca = 5', b'client = [["a"]]',
+    [b"server = 5", b'ca = 5', b'client = [["a"]]',
      b'skip_verify = "yes"', b'capabilities = ["fetch"]', b'dial_timeout = "3x"',
-     b'header = { X = 1 }', b"host = 1", b'[host."h"]\nca = [1]', b"\xff = 1"],
+     b'header = { X = 1 }', b"host = 1", b'[host."h"]\nca = [1]'],
 )  # fmt: skip
 def test_a_file_containerd_would_reject_gives_way_to_the_cert_files(
     foreign: bytes,
 ) -> None:
     assert carry_over(foreign, ["ca.crt"]) == Carried(settings={"ca": ["ca.crt"]})
+
+
+# Files tomllib cannot read, although containerd may: go-toml skips a byte
+# order mark, for one. The duplicate key is quoted in tomllib's message.
+UNREADABLE = [
+    b"server = [",
+    b"\xff = 1",
+    b'\xef\xbb\xbfserver = "https://ghcr.io"\n[host."https://m.example"]\n',
+    b"server = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+    f'[host."https://u:{SECRET}@m.example"]\n'.encode() * 2,
+]
+
+
+@pytest.mark.parametrize("foreign", UNREADABLE)
+def test_a_file_tomllib_cannot_read_is_refused(foreign: bytes) -> None:
+    with pytest.raises(HostsConfigError) as caught:
+        carry_over(foreign, ["ca.crt"])
+
+    assert SECRET not in str(caught.value)
+
+
+def test_capabilities_without_a_server_are_dropped() -> None:
+    # containerd gives the registry every capability when the file names no
+    # server; beside the server we write, these would take push away.
+    foreign = b'capabilities = ["pull", "resolve"]\n[host."https://m.example"]\n'
+
+    carried = carry_over(foreign)
+    parsed = _parsed("ghcr.io", carried=carried)
+
+    assert carried.settings == {}
+    assert "capabilities" not in parsed
 
 
 def test_override_path_without_a_server_is_dropped() -> None:
@@ -729,6 +760,56 @@ def test_a_symlinked_hosts_toml_comes_back_as_the_symlink(
 
     assert is_ours(installed)
     assert _snapshot(tmp_path) == before
+
+
+def test_a_dangling_hosts_toml_symlink_is_refused_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its target may be a mount not there yet; replacing it would lose it.
+    (tmp_path / "ghcr.io").mkdir()
+    (tmp_path / "ghcr.io" / "hosts.toml").symlink_to("/nonexistent/hosts.toml")
+    before = _snapshot(tmp_path)
+
+    status = _run(tmp_path, "--mirror", MIRROR, "ghcr.io")
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert status == 2
+    assert "symlink to nothing" in line
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("foreign", UNREADABLE)
+def test_an_unreadable_foreign_file_is_a_one_line_error_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], foreign: bytes
+) -> None:
+    _write(tmp_path / "ghcr.io" / "hosts.toml", foreign)
+    _write(tmp_path / "ghcr.io" / "ca.crt", b"")
+    before = _snapshot(tmp_path)
+
+    status = _run(tmp_path, "--mirror", MIRROR, "_default", "ghcr.io")
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert status == 2
+    assert line.startswith(f"tcr-mirror: error: {tmp_path / 'ghcr.io/hosts.toml'} is")
+    assert SECRET not in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_two_registries_sharing_a_directory_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each would plan from the foreign file; the second would then fail to
+    # back it up again, and later runs would rewrite the file for ever.
+    _write(tmp_path / "ghcr.io" / "hosts.toml", FOREIGN)
+    (tmp_path / "reg.local_5000_").symlink_to("ghcr.io")
+    before = _snapshot(tmp_path)
+
+    status = _run(tmp_path, "--mirror", MIRROR, "ghcr.io", "reg.local:5000")
+
+    assert status == 2
+    assert _snapshot(tmp_path) == before
+    [line] = capsys.readouterr().err.splitlines()
+    assert "reg.local:5000 and ghcr.io share the directory" in line
 
 
 def _raise(error: BaseException) -> Callable[..., None]:

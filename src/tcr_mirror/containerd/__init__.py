@@ -16,7 +16,10 @@ So installing is writing one ``hosts.toml``, in the directory containerd
 picks, that is the configuration it replaces with our mirror put first:
 the server, its TLS and header settings, the other hosts and the
 certificate files all carry over, so the fallback to the registry works as
-it did. Removing is putting back what was there before.
+it did. A hosts.toml that tomllib cannot read is left alone with an error:
+containerd's parser may read it (go-toml skips a byte order mark, for
+one), so what it carries is unknown. Removing is putting back what was
+there before.
 
 The decisions (what to write, which step to take given what is on disk)
 are pure functions; the layer below them reads and writes the files:

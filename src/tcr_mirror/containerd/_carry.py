@@ -7,6 +7,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ._errors import HostsConfigError
 from ._toml_headers import _header_keys
 
 __all__ = ["Carried", "carry_over"]
@@ -18,6 +19,8 @@ _CAPABILITIES = frozenset({"pull", "resolve", "push"})
 _GO_DURATION = re.compile(
     r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0|"
 )
+
+_TOML_ERROR_AT = re.compile(r"\(at (line \d+, column \d+|end of document)\)$")
 
 
 def _is_strings(value: object) -> bool:
@@ -106,6 +109,12 @@ def carry_over(original: bytes | None, cert_files: Sequence[str] = ()) -> Carrie
         relative: containerd resolves them against the directory, which is
         the one we write to, and the init container may see it under
         another mount point than containerd does.
+
+    Raises:
+        HostsConfigError: the file is not UTF-8 TOML that tomllib can read.
+            containerd's parser accepts some such files (a byte order mark,
+            for one), so what containerd made of it is unknown, and
+            replacing it could silently change the fallback to the registry.
     """
     if original:
         carried = _parse_hosts_toml(original)
@@ -115,11 +124,7 @@ def carry_over(original: bytes | None, cert_files: Sequence[str] = ()) -> Carrie
 
 
 def _parse_hosts_toml(data: bytes) -> Carried | None:
-    try:
-        text = data.decode()
-        document = tomllib.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
+    text, document = _decode(data)
     server = document.get("server", "")
     tables = document.get("host", {})
     settings = _settings(document)
@@ -144,10 +149,31 @@ def _parse_hosts_toml(data: bytes) -> Carried | None:
             return None
         (hosts if url in listed else unlisted).append((url, host))
     if not server:
-        # containerd ignores override_path without a server; beside the
-        # server we write, it would cut /v2 off the registry's URL.
+        # Without a server containerd gives the registry the /v2 path and
+        # every capability whatever the file says; beside the server we
+        # write, override_path would cut /v2 off the registry's URL and
+        # capabilities could take push (or pull) away from it.
         settings.pop("override_path", None)
+        settings.pop("capabilities", None)
     return Carried(server or None, settings, tuple(hosts), tuple(unlisted))
+
+
+def _decode(data: bytes) -> tuple[str, dict[str, object]]:
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise HostsConfigError("not UTF-8") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # Only the position: the rest of tomllib's message may quote a key,
+        # and host keys are URLs that may hold a password.
+        where = _TOML_ERROR_AT.search(str(exc))
+        at = f" ({where[1]})" if where else ""
+        raise HostsConfigError(f"not valid TOML{at}") from None
+    except RecursionError:
+        # tomllib recurses once for each array or inline table it opens.
+        raise HostsConfigError("nested too deeply for tomllib") from None
 
 
 def _listed_hosts(text: str) -> set[str]:

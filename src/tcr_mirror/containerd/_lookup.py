@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ._errors import HostsConfigError
@@ -46,6 +47,31 @@ def _registry_dirs(certs_dir: Path, registry: str) -> tuple[Path, list[Path]]:
         if path.is_dir() and not os.path.samefile(path, active)
     ]
     return active, hidden
+
+
+def _claim(claimed: dict[Path, str], registry: str, paths: Sequence[Path]) -> None:
+    """Records that ``registry`` changes ``paths``, which no other one may.
+
+    Raises:
+        HostsConfigError: another registry reads or hides the same directory
+            (through a symlink), so both would plan the same file from what
+            is on disk before either changes it, and each would rewrite the
+            other's file on every run.
+    """
+    for path in paths:
+        for other, owner in claimed.items():
+            if owner != registry and _same_dir(path, other):
+                raise HostsConfigError(
+                    f"{registry} and {owner} share the directory {path}; "
+                    "name only one of them"
+                )
+        claimed[path] = registry
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _existing_dirs(certs_dir: Path, registry: str) -> list[Path]:

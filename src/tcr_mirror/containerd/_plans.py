@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from ._carry import carry_over
+from ._carry import Carried, carry_over
+from ._errors import HostsConfigError
 from ._files import (
     _back_up,
     _create_dir,
@@ -40,25 +42,42 @@ def _plan_install(
     host_dir: _HostDir, registry: str, mirror: str, *, skip_verify: bool
 ) -> _Install:
     current, backup = host_dir.read_hosts(), host_dir.read_backup()
+    if current is None and host_dir.hosts.is_symlink():
+        # Ours would replace the link, which then would be lost for good.
+        raise HostsConfigError(
+            f"{host_dir.hosts} is a symlink to nothing; fix or remove it first"
+        )
     ours = current is not None and is_ours(current)
     # What containerd read before our first install: the backup if we made
     # one, else a foreign file, else (None) the certificate files.
-    original = backup if backup is not None or ours else current
+    from_backup = backup is not None or ours
+    original = backup if from_backup else current
     if ours:
         created = _says_created(current)
     else:
         created = current is None and backup is None and not host_dir.path.exists()
+    source = host_dir.backup if from_backup else host_dir.hosts
     render = functools.partial(
         render_hosts_toml,
         registry,
         mirror,
         skip_verify=skip_verify,
-        carried=carry_over(original, host_dir.cert_files()),
+        carried=_carry_over(host_dir, original, source),
         created_dir=created,
     )
     desired = render().encode()
     step = install_step(current, backup, desired)
     return _Install(host_dir, step, desired, render(redact_secrets=True), created)
+
+
+def _carry_over(host_dir: _HostDir, original: bytes | None, source: Path) -> Carried:
+    try:
+        return carry_over(original, host_dir.cert_files())
+    except HostsConfigError as exc:
+        raise HostsConfigError(
+            f"{source} is {exc}; containerd may read it otherwise, so it is "
+            "left as it is: fix it or move it away first"
+        ) from None
 
 
 def _apply_install(plan: _Install) -> None:

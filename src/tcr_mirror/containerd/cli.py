@@ -10,7 +10,7 @@ from typing import Any
 
 from ._errors import HostsConfigError
 from ._files import _HostDir, _locked, _sweep
-from ._lookup import _existing_dirs, _managed_dirs, _registry_dirs
+from ._lookup import _claim, _existing_dirs, _managed_dirs, _registry_dirs
 from ._names import check_mirror_url, check_registry
 from ._plans import _apply_install, _apply_undo, _plan_install, _plan_undo, _Undo
 from ._steps import _HOSTS_NAME, BACKUP_NAME, InstallStep, UndoStep
@@ -90,8 +90,10 @@ def _run_install(
             _sweep(certs_dir)
         # Plan everything first, so that a refusal changes nothing at all.
         plans = []
+        claimed: dict[Path, str] = {}
         for registry in registries:
             active, hidden = _registry_dirs(certs_dir, registry)
+            _claim(claimed, registry, (active, *hidden))
             if not dry_run:
                 for path in (active, *hidden):
                     _sweep(path)
