@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -409,3 +411,85 @@ async def test_a_manifest_by_sha512_digest(tmp_path: Path) -> None:
             assert got.status_code == 200, got.text
             assert got.content == upstream.body
             assert got.headers["docker-content-digest"] == sha512
+
+
+@asynccontextmanager
+async def immutable(directory: Path) -> AsyncIterator[None]:
+    """No file can be made, renamed or deleted in ``directory`` (chattr +i),
+    as on a disk that went read-only; files open for writing stay writable."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("chattr +i needs root")
+    made = await trio.run_process(
+        ["chattr", "+i", str(directory)], capture_stderr=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no immutable directories here: {made.stderr!r}")
+    try:
+        yield
+    finally:
+        # Shielded: a test cancelled by a crash must not leave it immutable.
+        with trio.CancelScope(shield=True):
+            await trio.run_process(["chattr", "-i", str(directory)])
+
+
+async def test_a_temporary_file_that_cannot_be_deleted_does_not_end_the_node(
+    tmp_path: Path,
+) -> None:
+    upstream = PacedUpstream()
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        blob_url = f"/v2/app/blobs/{DIGEST}"
+        # The fetch's file exists once the head is out; it is written,
+        # verified and fsynced, but then cannot be renamed nor deleted.
+        async with (
+            client.stream("GET", blob_url) as first,
+            immutable(tmp_path / "tmp"),
+        ):
+            upstream.release.set()
+            assert await first.aread() == BLOB
+            refused = await client.get(blob_url)
+            assert refused.status_code == 503
+            assert refused.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+        again = await client.get(blob_url)
+        assert again.content == BLOB
+        assert (await client.get("/healthz")).status_code == 200
+    assert upstream.blob_gets == 2
+    assert len(list((tmp_path / "tmp").iterdir())) == 1
+
+
+class SizedUpstream(ServedUpstream):
+    """Announces a blob of ``length`` bytes, then closes without a byte."""
+
+    def __init__(self, length: str) -> None:
+        self.length = length
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        connection = await read_request(stream)
+        if connection is None:
+            return
+        head = h11.Response(status_code=200, headers=[("Content-Length", self.length)])
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(connection.send(head))
+            await stream.aclose()
+
+
+@pytest.mark.parametrize("length", ["9" * 20, str(1 << 62)])
+async def test_a_blob_size_no_file_can_hold_is_refused_before_the_head(
+    tmp_path: Path, length: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 20 digits (as many as h11 takes) overflow an off_t; 2**62 does not, but
+    # is past ext4's largest file, and past the free space of any other.
+    upstream = SizedUpstream(length)
+    async with (
+        mirror_of(upstream, tmp_path) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        with trio.fail_after(20):
+            response = await client.get(f"/v2/app/blobs/{DIGEST}")
+    assert response.status_code in (503, 507)
+    assert response.json()["errors"][0]["code"]
+    assert not [r for r in caplog.records if r.getMessage() == "blob_fetch_crashed"]
+    assert not list((tmp_path / "tmp").iterdir())

@@ -21,6 +21,7 @@ import trio
 
 from tcr_mirror.proxy._errors import StoreFull, StoreUnavailable
 from tcr_mirror.proxy._fetch import BlobFetcher
+from tcr_mirror.proxy._mirror import MANIFEST_MEDIA_TYPES
 from tcr_mirror.proxy._oci import Digest, parse_digest
 from tcr_mirror.proxy._store import (
     BlobStore,
@@ -353,6 +354,21 @@ def test_manifests_and_tags_are_bounded_least_recently_used_first(
     # What was dropped is gone from the database too, not just forgotten.
     counts = lmdb_counts(tmp_path)
     assert counts == {b"manifests": 3, b"tags": 2}
+
+
+def test_a_tag_past_lmdbs_key_limit_is_cached_too(tmp_path: Path) -> None:
+    # Every manifest type accepted, a long repository name and tag: 582 bytes.
+    variant = ",".join(sorted(MANIFEST_MEDIA_TYPES))
+    name, tag = "team/" + "a" * 120, "v" * 128
+    entry = TagEntry("sha256:" + "0" * 64, "x/y", 12.5)
+    store = BlobStore(tmp_path)
+    store.put_tag("ccr.ccs.tencentyun.com", name, tag, entry, variant)
+    store.close()
+
+    again = BlobStore(tmp_path)
+    assert again.get_tag("ccr.ccs.tencentyun.com", name, tag, variant) == entry
+    assert again.get_tag("ccr.ccs.tencentyun.com", name, "w" * 128, variant) is None
+    assert again.get_tag("ccr.ccs.tencentyun.com", name, tag) is None
 
 
 def test_a_manifest_that_does_not_match_its_digest_is_a_miss(tmp_path: Path) -> None:

@@ -72,6 +72,9 @@ _MAX_RESUMES = 3
 # Room made beyond a blob's own size when the disk is full, for the index
 # and the directories that storing it writes.
 _SPACE_SLACK = 1 << 20
+# The largest file offset (off_t); a larger size would overflow the calls
+# that take it.
+_MAX_FILE_SIZE = (1 << 63) - 1
 
 
 class FetchAborted(Exception):
@@ -280,7 +283,7 @@ class BlobFetcher:
             # An abandoned fetch's digest may have a new fetch by now.
             current = self._fetches.get(fetch.digest) is fetch
             if not fetch.done:
-                fetch.path.unlink(missing_ok=True)
+                _remove_temp(fetch)
                 if current:
                     self._store.unreserve(fetch.digest)
             if current:
@@ -354,6 +357,19 @@ class BlobFetcher:
             await _allocate(fd, size)
 
 
+def _remove_temp(fetch: BlobFetch) -> None:
+    """Delete a failed fetch's temporary file, if the disk lets it."""
+    try:
+        fetch.path.unlink(missing_ok=True)
+    except OSError as exc:
+        # A disk gone read-only or failing must not end the node, which can
+        # still serve what it stored; recover() deletes the file at start.
+        logger.warning(
+            "blob_temp_not_deleted",
+            extra={"digest": str(fetch.digest), "reason": exc.strerror},
+        )
+
+
 def _free_bytes(path: Path) -> int:
     stat = os.statvfs(path)
     return stat.f_bavail * stat.f_frsize
@@ -375,7 +391,9 @@ async def _allocate(fd: int, size: int) -> None:
         # Waits for the thread if cancelled: the caller closes ``fd`` next.
         await trio.to_thread.run_sync(os.posix_fallocate, fd, 0, size)
     except OSError as exc:
-        if exc.errno in NO_SPACE:
+        # A blob past the filesystem's largest file cannot be written
+        # either: refused before any client gets a head.
+        if exc.errno in NO_SPACE or exc.errno == errno.EFBIG:
             raise
         # A filesystem that cannot allocate ahead still takes the writes.
         logger.debug("blob_space_not_claimed", extra={"reason": exc.strerror})
@@ -539,4 +557,9 @@ def _content_length(response: RawResponse, key: str) -> int:
     text = response.headers.get("content-length", "")
     if not text.isdigit():
         raise UpstreamUnavailable(f"upstream {key} sent a blob without Content-Length")
+    # Its length first: a number of thousands of digits is slow to convert.
+    if len(text) > len(str(_MAX_FILE_SIZE)) or int(text) > _MAX_FILE_SIZE:
+        raise UpstreamUnavailable(
+            f"upstream {key} sent a blob size larger than any file can be"
+        )
     return int(text)

@@ -37,6 +37,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -67,6 +68,8 @@ logger = logging.getLogger(__name__)
 # size, last access, time stored
 _BLOB_RECORD = struct.Struct("<Qdd")
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# The longest key LMDB takes (its default build, which py-lmdb bundles).
+_MAX_KEY = 511
 
 
 class DataDirInUse(OSError):
@@ -544,4 +547,10 @@ def _unpack(raw: bytes | None) -> BlobEntry | None:
 
 
 def _tag_key(upstream: str, name: str, tag: str, variant: str) -> bytes:
-    return f"{upstream}\0{name}\0{tag}\0{variant}".encode()
+    key = f"{upstream}\0{name}\0{tag}\0{variant}".encode()
+    if len(key) <= _MAX_KEY:
+        return key
+    # A long repository name and tag, with every manifest type accepted, can
+    # pass LMDB's limit, and the tag would then never be cached (nor served
+    # stale when the upstream is down). No upstream key starts with 0x01.
+    return b"\x01" + hashlib.sha256(key).hexdigest().encode()
