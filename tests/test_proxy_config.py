@@ -164,6 +164,9 @@ def test_bad_values_are_one_line_naming_the_key(
         (["--read-timeout", "86401"], r"\(--read-timeout\) must be at most 86400"),
         (["--listen", "127.0.0.1:\u00b2"], "expected HOST:PORT"),
         (["--listen", "127.0.0.1:65536"], "expected HOST:PORT"),
+        # getaddrinfo's IDNA step raised a UnicodeError: a traceback.
+        (["--listen", "\u00e9..:5000"], "expected HOST:PORT"),
+        (["--metrics-listen", "h\u00f6st..x:9500"], "expected HOST:PORT"),
     ],
 )
 def test_bad_flag_values_are_refused(flags: list[str], message: str) -> None:
@@ -279,3 +282,59 @@ def test_ipv6_upstreams_and_listen_addresses_are_taken() -> None:
     config = config_from(["--upstream", "https://[::1]:5001", "--listen", "[::1]:5000"])
     assert config.upstreams[0].url == "https://[::1]:5001"
     assert config.listen == ("::1", 5000)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('data_dir = "/var/lib/a\\u0000b"', "data_dir"),
+        ('ca_file = "/etc/ca\\u0000.pem"', "ca_file"),
+        ('node_secret_file = "/etc/s\\u0000"', "node_secret_file"),
+        (UPSTREAM + 'credentials_file = "/etc/c\\u0000"', "credentials_file"),
+    ],
+)
+def test_a_path_holding_a_nul_is_one_line(tmp_path: Path, toml: str, key: str) -> None:
+    """TOML strings may hold NUL, which every file call refuses with a
+    ValueError: these were tracebacks, at start-up or while reading the file."""
+    path = tmp_path / "node.toml"
+    path.write_text(toml if "[[upstreams]]" in toml else f"{toml}\n{UPSTREAM}")
+    with pytest.raises(ConfigError, match=f"{key} must be a path") as raised:
+        config_from(["--config", str(path)])
+    assert "\n" not in str(raised.value)
+
+
+def test_a_data_dir_holding_a_nul_is_a_one_line_cli_error(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f'data_dir = "{tmp_path}/a\\u0000b"\n{UPSTREAM}')
+    result = subprocess.run(
+        [sys.executable, "-m", "tcr_mirror", "node", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("tcr-mirror: error: data_dir must be a path")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["control.internal:8700", "ftp://control.internal", "http://control internal",
+     "http://control.internal:99999", "http://c\u00f6ntrol..internal", "http://"],
+)  # fmt: skip
+def test_a_credentials_url_that_is_no_url_is_refused(tmp_path: Path, url: str) -> None:
+    """httpx raises InvalidURL, which is no HTTPError, for some of these:
+    the renewal task crashed the node; the others failed every renewal."""
+    secret = tmp_path / "node.secret"
+    secret.write_text("shared-secret\n")
+    argv = ["--upstream", "http://127.0.0.1:5001", "--node-secret-file", str(secret)]
+    with pytest.raises(ConfigError, match="credentials_url must be http"):
+        config_from([*argv, "--credentials-url", url])
+    path = tmp_path / "node.toml"
+    path.write_text(f'{UPSTREAM}default = true\ncredentials_url = "{url}"\n')
+    with pytest.raises(ConfigError, match="credentials_url must be http"):
+        config_from(["--config", str(path), "--node-secret-file", str(secret)])
+
+
+def test_a_port_of_thousands_of_digits_is_one_line() -> None:
+    # int() refuses more than 4300 digits with a ValueError of its own.
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        config_from(["--upstream", "http://x", "--listen", "127.0.0.1:" + "1" * 5000])

@@ -147,6 +147,18 @@ async def test_a_head_too_large_in_one_write_is_a_431() -> None:
     assert error_code_of(answer) == "UNSUPPORTED"
 
 
+async def test_a_head_too_large_over_many_reads_is_a_431_the_client_can_read() -> None:
+    """The server gives up on such a head with most of it unread: closing
+    at once made the kernel reset the connection, which could destroy the
+    431 and fails the client's next read or write."""
+    head = get("/v2/", "X-Padding: " + "a" * (256 * 1024))
+    async with serving(HttpServer(ok)) as (port, _):
+        answer = await exchange(port, head)
+
+    assert status_of(answer) == 431
+    assert error_code_of(answer) == "UNSUPPORTED"
+
+
 async def test_a_body_larger_than_a_pull_sends_is_answered_413_before_closing() -> None:
     body = b"b" * (200 * 1024)
     request = (

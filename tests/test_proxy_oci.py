@@ -18,6 +18,7 @@ from tcr_mirror.proxy._errors import (
     RegistryError,
     TagInvalid,
     Unsupported,
+    UpstreamUnavailable,
 )
 from tcr_mirror.proxy._mirror import relative_link
 from tcr_mirror.proxy._oci import (
@@ -89,6 +90,9 @@ def test_namespace_and_query_are_kept() -> None:
         ("GET", "/v2/app/manifests/sha256:..", DigestInvalid),
         ("GET", "/v2/app/tags/list?n=-1", PaginationNumberInvalid),
         ("GET", "/v2/app/tags/list?n=abc", PaginationNumberInvalid),
+        # Digits int() cannot read were a 500 and a logged traceback.
+        ("GET", "/v2/app/tags/list?n=%C2%B2", PaginationNumberInvalid),
+        ("GET", "/v2/app/tags/list?n=" + "1" * 5000, PaginationNumberInvalid),
         ("GET", "/v2/app/tags/list?last=%2e%2e", TagInvalid),
         ("GET", "/v2/app/manifests/v1?ns=", NameInvalid),
     ],
@@ -209,3 +213,12 @@ def test_tags_link_points_back_at_the_mirror(
     link: str, namespace: str | None, expected: str
 ) -> None:
     assert relative_link(link, namespace) == expected
+
+
+@pytest.mark.parametrize(
+    "link", ['<//x:y:z/v2/app/tags/list>; rel="next"', '</v2/a\tb>; rel="next"']
+)
+def test_an_upstream_link_that_is_no_url_is_a_503(link: str) -> None:
+    """httpx's InvalidURL went up to the server: a 500 and a traceback."""
+    with pytest.raises(UpstreamUnavailable, match="Link is no URL"):
+        relative_link(link, "docker.io")

@@ -183,13 +183,13 @@ class NodeConfig:
             elif key in ("listen", "metrics_listen"):
                 changes[key] = parse_host_port(_str(key, value))
             elif key in ("data_dir", "ca_file"):
-                changes[key] = Path(_str(key, value))
+                changes[key] = _path(key, value)
             elif key in _DURATIONS:
                 changes[key] = _seconds(key, value)
             elif key == "log_level":
                 changes[key] = _str(key, value).lower()
             elif key == "node_secret_file":
-                changes["node_secret"] = read_secret_file(Path(_str(key, value)))
+                changes["node_secret"] = read_secret_file(_path(key, value))
             elif key == "max_store_bytes":
                 changes[key] = parse_size(value, key=key)
             elif key in ("store_high_watermark", "store_low_watermark"):
@@ -234,6 +234,9 @@ class NodeConfig:
             raise ConfigError("more than one default upstream")
         if any(up.credentials_url for up in self.upstreams) and not self.node_secret:
             raise ConfigError("credentials_url needs a node secret (node_secret_file)")
+        for up in self.upstreams:
+            if up.credentials_url is not None:
+                _check_control_url(up.credentials_url)
         names = [up.namespace for up in self.upstreams]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
@@ -277,9 +280,11 @@ def parse_size(value: Any, *, key: str = "max_store_bytes") -> int:
 
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    # isdigit() alone takes "²", which int() refuses.
-    digits = port.isascii() and port.isdigit()
-    if not sep or not host or not digits or int(port) > 65535:
+    # isdigit() alone takes "²", and int() refuses thousands of digits.
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    # A host that is not printable ASCII fails in getaddrinfo's IDNA step
+    # or its NUL check with errors that are no OSError.
+    if not sep or not _is_host(host) or not digits or int(port) > 65535:
         raise ConfigError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
@@ -313,6 +318,28 @@ def make_upstream(
         raise ConfigError("put upstream credentials in a credentials file, not the URL")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     return UpstreamConfig(namespace or parts.netloc, base, default, credentials)
+
+
+def _check_control_url(url: str) -> None:
+    """Check a ``credentials_url`` as :func:`make_upstream` checks an
+    upstream's: one that is not a URL would fail every renewal, or crash
+    the node where httpx cannot even parse it.
+
+    Raises:
+        ConfigError: It is not ``http(s)://host[:port][/path]``.
+    """
+    shape = f"credentials_url must be http(s)://host[:port], got {url!r}"
+    try:
+        parts = urlsplit(url)
+        # Reading the port checks it: a number, at most 65535.
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(shape) from None
+    text = url.isascii() and url.isprintable() and " " not in url
+    if not text or parts.scheme not in ("http", "https"):
+        raise ConfigError(shape)
+    if not _is_host(parts.hostname or ""):
+        raise ConfigError(shape)
 
 
 def _is_host(host: str) -> bool:
@@ -396,7 +423,7 @@ def _upstream_from_table(table: dict[str, Any]) -> UpstreamConfig:
     credentials = None
     if "credentials_file" in table:
         credentials = read_credentials_file(
-            Path(_str("credentials_file", table["credentials_file"]))
+            _path("credentials_file", table["credentials_file"])
         )
     elif "username" in table:
         password = _str("password", table.get("password", ""))
@@ -424,6 +451,14 @@ def _str(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} must be a non-empty string")
     return value
+
+
+def _path(key: str, value: Any) -> Path:
+    # TOML strings may hold NUL ("\u0000"), which no file name can: every
+    # call that takes the path would fail with a ValueError, not an OSError.
+    if "\0" in _str(key, value):
+        raise ConfigError(f"{key} must be a path, got one with a NUL character")
+    return Path(value)
 
 
 def _no_proxy(value: Any) -> tuple[str, ...]:

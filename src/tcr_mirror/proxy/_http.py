@@ -443,7 +443,9 @@ async def _linger(connection: h11.Connection, stream: trio.SocketStream) -> None
     whatever of the last response is still queued for the client (RFC
     9112, 9.6). A client that already hung up costs nothing here.
     """
-    if connection.their_state in (h11.CLOSED, h11.ERROR):
+    # A client that broke the protocol (ERROR) may still be sending the
+    # rest of its head, which the answer to it (a 431, a 400) must outlive.
+    if connection.their_state is h11.CLOSED:
         return
     with trio.move_on_after(_LINGER_TIMEOUT):
         with contextlib.suppress(trio.BrokenResourceError, OSError):

@@ -534,11 +534,20 @@ def relative_link(link: str, namespace: str | None) -> str:
     An upstream may give an absolute URL; the client must come back to the
     mirror, so only the path and query are kept, and the ``ns`` the client
     sent is added so that the next page comes from the same upstream.
+
+    Raises:
+        UpstreamUnavailable: The link holds no URL httpx can read (a port
+            that is no number, a control character).
     """
     start, end = link.find("<"), link.find(">")
     if start == -1 or end < start:
         return link
-    target = httpx.URL(link[start + 1 : end])
+    try:
+        target = httpx.URL(link[start + 1 : end])
+    except httpx.InvalidURL as exc:
+        # Passed on as it is, it would send the client somewhere unknown;
+        # left out, the client would take the page as the last one.
+        raise UpstreamUnavailable(f"the upstream's Link is no URL: {exc}") from None
     if namespace is not None:
         target = target.copy_set_param("ns", namespace)
     relative = target.raw_path.decode("ascii")

@@ -201,7 +201,9 @@ def _check_name(name: str) -> None:
 def _tags_query(query: dict[str, str]) -> tuple[tuple[str, str], ...]:
     picked = _pick(query, "n", "last")
     for key, value in picked:
-        if key == "n" and not (value.isdigit() and int(value) <= _MAX_TAGS_PAGE):
+        # isdigit() alone takes "²", and a few thousand digits, both of
+        # which int() refuses.
+        if key == "n" and not (_is_uint(value) and int(value) <= _MAX_TAGS_PAGE):
             raise PaginationNumberInvalid(f"invalid n {_clip(value)!r}")
         if key == "last" and not _TAG_RE.fullmatch(value):
             raise TagInvalid(f"invalid last {_clip(value)!r}")
