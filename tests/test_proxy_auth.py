@@ -4,6 +4,8 @@ and what a redirect may carry."""
 from __future__ import annotations
 
 import email.utils
+import json
+import time
 
 import pytest
 from hypothesis import given
@@ -13,6 +15,7 @@ from tcr_mirror.proxy._auth import (
     MAX_RETRY_AFTER,
     Challenge,
     Credentials,
+    RealmRefused,
     RedirectRefused,
     TokenCache,
     basic_authorization,
@@ -21,6 +24,7 @@ from tcr_mirror.proxy._auth import (
     parse_retry_after,
     parse_token_response,
     redirect_target,
+    token_realm,
 )
 
 
@@ -86,6 +90,20 @@ def test_token_responses() -> None:
             parse_token_response(bad, 0)
 
 
+@pytest.mark.parametrize("lifetime", [b"NaN", b"Infinity", b"1e400"])
+def test_a_token_that_would_live_for_ever_lives_the_default(lifetime: bytes) -> None:
+    body = b'{"token": "t", "expires_in": %s}' % lifetime
+    assert parse_token_response(body, 0) == ("t", 50)
+
+
+@pytest.mark.parametrize("token", ["caf\u00e9", "two words", "line\nbreak"])
+def test_a_token_no_header_can_carry_is_no_token(token: str) -> None:
+    """Sent on, it crashed building the request (or split the header)."""
+    body = json.dumps({"token": token}).encode()
+    with pytest.raises(ValueError, match="no header can carry"):
+        parse_token_response(body, 0)
+
+
 def test_token_cache_drops_tokens_at_their_renewal_time() -> None:
     cache = TokenCache()
     key = ("realm", "service", "repository:a:pull")
@@ -115,6 +133,38 @@ def test_retry_after_is_capped_at_a_few_minutes() -> None:
     assert parse_retry_after("9" * 400, now) == MAX_RETRY_AFTER
     next_year = email.utils.formatdate(now + 365 * 86400, usegmt=True)
     assert parse_retry_after(next_year, now) == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize("form", ["asctime", "-0000"])
+def test_an_http_date_without_a_zone_is_utc_wherever_the_node_is(
+    form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read as local time, it was off by the node's UTC offset: eight hours
+    on a node in China, so a minute's wait became one second."""
+    now = 1_700_000_000.0
+    if form == "asctime":
+        header = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(now + 60))
+    else:
+        header = email.utils.formatdate(now + 60)
+        assert header.endswith(" -0000")
+    monkeypatch.setenv("TZ", "CST-8")
+    time.tzset()
+    try:
+        delay = parse_retry_after(header, now)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+    assert delay == pytest.approx(60, abs=1)
+
+
+@pytest.mark.parametrize("header", ["\u00b2", "1\u00b9", "\u2460"])
+def test_a_retry_after_of_digits_that_are_not_ascii_is_one_second(
+    header: str,
+) -> None:
+    """A registry's Latin-1 header byte 0xB2 arrives as "\u00b2": str.isdigit()
+    takes it and float() refused it, crashing the request."""
+    assert parse_retry_after(header, 1_700_000_000.0) == 1
 
 
 @given(st.text(max_size=60))
@@ -176,3 +226,39 @@ def test_redirects_down_from_https_or_nowhere_are_refused(location: str) -> None
         redirect_target("https://r.example/v2/a/blobs/x", location)
     # A signed storage URL's query may be a credential: never in the message.
     assert "secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        # Raw UTF-8 and spaces, which h11 would not put on a request line.
+        ("/storage/caf\u00e9", "https://r.example/storage/caf%C3%A9"),
+        ("/storage/a b?x=1 2", "https://r.example/storage/a%20b?x=1%202"),
+        # What is percent-encoded already stays as it is.
+        ("/storage/a%20b?sig=a%2Bb", "https://r.example/storage/a%20b?sig=a%2Bb"),
+    ],
+)
+def test_redirect_targets_go_on_the_wire_percent_encoded(
+    location: str, expected: str
+) -> None:
+    assert redirect_target("https://r.example/v2/a/blobs/x", location) == expected
+
+
+@pytest.mark.parametrize(
+    ("registry", "realm"),
+    [
+        ("https://r.example", "https://auth.example/token"),
+        ("http://r.example", "http://auth.example/token"),
+        ("http://r.example", "https://auth.example/token"),
+    ],
+)
+def test_token_realms(registry: str, realm: str) -> None:
+    assert token_realm(registry, realm) == realm
+
+
+@pytest.mark.parametrize(
+    "realm", ["http://auth.example/token", "", "/token", "ftp://auth.example/t"]
+)
+def test_a_registry_on_https_gets_no_realm_in_clear_or_nowhere(realm: str) -> None:
+    with pytest.raises(RealmRefused):
+        token_realm("https://r.example", realm)

@@ -105,3 +105,24 @@ async def test_renewal_outage_and_expiry() -> None:
         finally:
             await source.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_expiry_past_any_float_is_malformed_not_a_crash() -> None:
+    """float() of a JSON integer of 400 digits raises OverflowError, which
+    ended the renewal task and with it the whole node."""
+    control = FakeControlPlane()
+    control.expires_at = 10**400
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve)
+        source = ControlPlaneCredentials(control.url, REGISTRY, SECRET, retry=3600)
+        try:
+            with trio.move_on_after(60) as keeper:
+                nursery.start_soon(source.keep_fresh)
+                while not control.requests:
+                    await trio.sleep(0.01)
+                with pytest.raises(UpstreamUnavailable):
+                    await source.credentials()
+            assert not keeper.cancelled_caught
+        finally:
+            await source.aclose()
+        nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 
@@ -141,3 +142,36 @@ async def test_a_body_is_read_on_a_descriptor_past_select_s_limit() -> None:
         for filler in fillers:
             os.close(filler)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_body_garbled_right_behind_the_head_closes_the_connection() -> None:
+    # The garbled chunk comes with the head, so it is found while the
+    # response is made. The error (kept, say, as a fetch's outcome) must
+    # not hold the connection open: the server must read its end.
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            connection.sendall(head + b"not a chunk size\r\n")
+            connection.settimeout(5)
+            try:
+                seen.append(connection.recv(1))
+            except TimeoutError:
+                seen.append(b"still open")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v2/app/blobs/x"
+    with pytest.raises(h11.RemoteProtocolError) as raised:
+        await raw_get(url, {}, **TIMEOUTS)
+    await trio.to_thread.run_sync(thread.join, 10)
+    listener.close()
+
+    assert seen == [b""], "the connection was left open"
+    assert raised.value is not None  # kept until now, as a fetch keeps its error

@@ -633,3 +633,102 @@ async def test_a_manifest_whose_media_type_is_not_ascii_is_refused_not_kept(
 
     # Not kept: the second request asked the upstream again.
     assert len(registry.seen) == 2
+
+
+# What an upstream may put in a header without crashing the request.
+
+
+@both_readers
+async def test_a_retry_after_of_digits_that_are_not_ascii_is_a_429(raw: bool) -> None:
+    """Byte 0xB2 is "²" in Latin-1: str.isdigit() took it and float()
+    refused it, so the client got a 500 and a traceback went to the log."""
+    registry = ScriptedServer(lambda _: Answer(429, (("Retry-After", b"\xb2"),)))
+    async with serving(registry), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG):
+            status = await get(upstream, BLOB_PATH, raw=raw)
+
+    assert status == 429
+
+
+@both_readers
+async def test_a_redirect_to_a_location_in_raw_utf8_is_followed(raw: bool) -> None:
+    """The raw reader crashed putting the Location on its request line."""
+    storage = ScriptedServer(lambda _: Answer(200, body=b"blob"))
+
+    def registry_script(request: Seen) -> Answer:
+        location = f"{storage.url}/storage/caf\u00e9".encode()
+        return Answer(307, (("Location", location),))
+
+    registry = ScriptedServer(registry_script)
+    async with serving(registry, storage), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG):
+            assert await get(upstream, BLOB_PATH, raw=raw) == 200
+
+    assert [seen.target for seen in storage.seen] == ["/storage/caf%C3%A9"]
+
+
+async def test_a_realm_only_httpx_finds_wrong_is_the_upstream_unavailable() -> None:
+    """httpx.InvalidURL is no httpx.HTTPError: it went by every handler."""
+    invalid = "http://999.0.0.1/token"  # never resolved: httpx refuses it first
+    registry = ScriptedServer(
+        lambda _: Answer(401, (("WWW-Authenticate", f'Bearer realm="{invalid}"'),))
+    )
+    async with serving(registry), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable):
+            await get(upstream, MANIFEST_PATH, raw=False)
+
+
+async def test_a_registry_on_https_naming_a_realm_in_clear_gets_no_credentials(
+    tmp_path: Path,
+) -> None:
+    """The Basic credentials traded for a token would cross in clear, and
+    the token they buy with them."""
+    realm = ScriptedServer(lambda _: token_answer())
+    registry = ScriptedServer(bearer_registry(realm), tls=make_tls_files(tmp_path))
+    assert registry.tls is not None
+    async with (
+        serving(registry, realm),
+        upstream_of(
+            registry.url,
+            credentials=StaticCredentials(CREDENTIALS),
+            ca_file=registry.tls.ca,
+        ) as upstream,
+    ):
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable) as raised:
+            await get(upstream, MANIFEST_PATH, raw=False)
+
+    assert realm.seen == [], "the credentials went to a realm in clear text"
+    assert "plain HTTP" in raised.value.message
+
+
+@both_readers
+async def test_a_token_no_header_can_carry_is_the_upstream_unavailable(
+    raw: bool,
+) -> None:
+    """Sent on as ``Bearer caf\u00e9``, it crashed building the request."""
+    realm = ScriptedServer(lambda _: token_answer("caf\u00e9"))
+    registry = ScriptedServer(bearer_registry(realm))
+    async with (
+        serving(registry, realm),
+        upstream_of(
+            registry.url, credentials=StaticCredentials(CREDENTIALS)
+        ) as upstream,
+    ):
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable) as raised:
+            await get(upstream, BLOB_PATH, raw=raw)
+
+    assert "caf" not in raised.value.message
+
+
+async def test_a_token_answer_larger_than_any_token_is_not_read_whole() -> None:
+    """Read whole, an endless answer would fill the node's memory."""
+    padding = "x" * (2 << 20)
+    body = json.dumps({"token": "good-token", "padding": padding}).encode()
+    realm = ScriptedServer(lambda _: Answer(200, body=body))
+    registry = ScriptedServer(bearer_registry(realm))
+    async with serving(registry, realm), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable) as raised:
+            await get(upstream, MANIFEST_PATH, raw=False)
+
+    assert "more than" in raised.value.message
+    assert len(registry.seen) == 1

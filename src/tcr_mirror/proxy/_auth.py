@@ -12,21 +12,26 @@ belong to its origin (scheme, host and port, RFC 6454): a redirect to
 blob storage, or to the same host on another scheme or port, travels
 without them, and a redirect from HTTPS down to plain HTTP is refused,
 since whatever the request carries would then cross the network in
-clear.
+clear. For the same reason a registry on HTTPS may not name a token
+endpoint on plain HTTP: the credentials traded there, and the token
+they buy, would cross in clear.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 __all__ = [
     "Challenge",
     "Credentials",
+    "RealmRefused",
     "RedirectRefused",
     "TokenCache",
     "basic_authorization",
@@ -35,6 +40,7 @@ __all__ = [
     "parse_retry_after",
     "parse_token_response",
     "redirect_target",
+    "token_realm",
 ]
 
 _PARAM_RE = re.compile(
@@ -50,6 +56,9 @@ _EXPIRY_MARGIN = 10.0
 # registry to recover, short enough that a mistake heals by itself.
 MAX_RETRY_AFTER = 300.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a header value may hold to go on the wire as it is: visible ASCII.
+_VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
+_VISIBLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
 
 
 @dataclass(frozen=True)
@@ -120,8 +129,15 @@ def parse_token_response(body: bytes, now: float) -> tuple[str, float]:
     token = document.get("token") or document.get("access_token")
     if not isinstance(token, str) or not token:
         raise ValueError("token endpoint answered no token")
+    if not _VISIBLE_ASCII_RE.fullmatch(token):
+        raise ValueError("token endpoint answered a token no header can carry")
     lifetime = document.get("expires_in", _DEFAULT_TOKEN_LIFETIME)
-    if not isinstance(lifetime, int | float) or lifetime <= 0:
+    # JSON's NaN and Infinity would keep the token for ever.
+    if (
+        not isinstance(lifetime, int | float)
+        or not math.isfinite(lifetime)
+        or lifetime <= 0
+    ):
         lifetime = _DEFAULT_TOKEN_LIFETIME
     lifetime = float(lifetime)
     return token, now + lifetime - min(_EXPIRY_MARGIN, lifetime / 4)
@@ -137,11 +153,17 @@ def parse_retry_after(header: str | None, now: float) -> float:
     """
     delay = 1.0
     text = (header or "").strip()
-    if text.isdigit():
+    # str.isdigit() alone takes "²", which float() refuses.
+    if text.isascii() and text.isdigit():
         delay = float(text)
     elif text:
         try:
-            delay = email.utils.parsedate_to_datetime(text).timestamp() - now
+            date = email.utils.parsedate_to_datetime(text)
+            # An HTTP-date is UTC whether it says so or not (asctime's and
+            # "-0000" do not); a naive one would be read as local time.
+            if date.tzinfo is None:
+                date = date.replace(tzinfo=datetime.UTC)
+            delay = date.timestamp() - now
         except (TypeError, ValueError, OverflowError):
             delay = 1.0
     return min(MAX_RETRY_AFTER, max(1.0, delay))
@@ -149,6 +171,10 @@ def parse_retry_after(header: str | None, now: float) -> float:
 
 class RedirectRefused(ValueError):
     """A redirect the mirror will not follow (HTTPS down to HTTP, not HTTP)."""
+
+
+class RealmRefused(ValueError):
+    """A token endpoint the mirror will not send credentials to."""
 
 
 def origin(url: str) -> tuple[str, str, int]:
@@ -184,7 +210,39 @@ def redirect_target(url: str, location: str) -> str:
         raise RedirectRefused(
             f"redirect from HTTPS to {scheme.upper()} refused: {_redacted(target)}"
         )
-    return target
+    return _percent_encoded(target)
+
+
+def token_realm(registry_url: str, realm: str) -> str:
+    """The token endpoint a registry's ``Bearer`` challenge names, checked.
+
+    Returns:
+        ``realm`` as it goes on the wire: an absolute URL the credentials
+        may be sent to.
+
+    Raises:
+        RealmRefused: It is no http(s) URL with a host, or plain HTTP
+            named by a registry on HTTPS.
+    """
+    try:
+        scheme = origin(realm)[0]
+    except RedirectRefused:
+        raise RealmRefused("token realm is not an http(s) URL with a host") from None
+    if origin(registry_url)[0] == "https" and scheme != "https":
+        raise RealmRefused(
+            f"token realm on plain HTTP refused for a registry on HTTPS: "
+            f"{_redacted(realm)}"
+        )
+    return _percent_encoded(realm)
+
+
+def _percent_encoded(url: str) -> str:
+    """``url`` with what is not visible ASCII percent-encoded (as UTF-8).
+
+    Servers put raw UTF-8 or spaces in a ``Location`` now and then; sent
+    as they are, h11 would refuse the request line or fail to encode it.
+    """
+    return quote(url, safe=_VISIBLE_ASCII)
 
 
 def _redacted(url: str) -> str:

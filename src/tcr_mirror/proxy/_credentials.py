@@ -155,7 +155,7 @@ def _parse(response: httpx.Response) -> tuple[str, str, float]:
         document = json.loads(response.content)
         username, password = document["username"], document["password"]
         expires_at = float(document["expires_at"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise ValueError("control plane answered malformed credentials") from exc
     if not isinstance(username, str) or not isinstance(password, str):
         raise ValueError("control plane answered malformed credentials")

@@ -435,18 +435,21 @@ async def raw_get(
         # Plain HTTP through a proxy: the proxy is told where to go.
         target = f"{parts.scheme}://{parts.netloc}{target}"
         fields += proxy.headers()
-    request = h11.Request(method="GET", target=target, headers=fields)
-    data = connection.send(request) + connection.send(h11.EndOfMessage())
+    # Whatever fails from here on (a request h11 refuses to send, a body
+    # garbled right behind the head) must not leave the connection open
+    # for as long as someone keeps the error.
     try:
+        request = h11.Request(method="GET", target=target, headers=fields)
+        data = connection.send(request) + connection.send(h11.EndOfMessage())
         with trio.fail_after(read_timeout):
             head = await trio.to_thread.run_sync(
                 _exchange_head, transport, connection, data, abandon_on_cancel=True
             )
+        return RawResponse(transport, connection, head, url)
     except BaseException:
         # Also ends the abandoned thread's read.
         transport.close()
         raise
-    return RawResponse(transport, connection, head, url)
 
 
 def _exchange_head(

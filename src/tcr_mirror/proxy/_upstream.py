@@ -39,6 +39,7 @@ import trio
 from tcr_mirror.proxy._auth import (
     Challenge,
     Credentials,
+    RealmRefused,
     RedirectRefused,
     TokenCache,
     basic_authorization,
@@ -47,6 +48,7 @@ from tcr_mirror.proxy._auth import (
     parse_retry_after,
     parse_token_response,
     redirect_target,
+    token_realm,
 )
 from tcr_mirror.proxy._config import tls_context
 from tcr_mirror.proxy._errors import (
@@ -76,6 +78,8 @@ _MAX_REDIRECTS = 5
 # A Retry-After this short is waited out inside the request; a longer one is
 # answered to the client at once.
 _MAX_INLINE_RETRY_WAIT = 2.0
+# A token endpoint's answer is a few KiB of JSON: a JWT and its lifetime.
+_MAX_TOKEN_ANSWER = 1 << 20
 
 
 class CredentialSource(Protocol):
@@ -474,10 +478,14 @@ class Upstream:
             goes without one and the registry's own 401 or 403 is answered.
 
         Raises:
-            UpstreamUnavailable: The endpoint is unreachable, failed, or
-                answered no token.
+            UpstreamUnavailable: The endpoint is unreachable, failed,
+                answered no token, or is no place to send credentials to.
             TooManyRequests: The endpoint is rate limiting.
         """
+        try:
+            realm = token_realm(self.base_url, challenge.realm)
+        except RealmRefused as exc:
+            raise UpstreamUnavailable(f"upstream {self.key}: {exc}") from None
         credentials = await self._current_credentials()
         params = {"scope": scope}
         service = challenge.params.get("service", "")
@@ -486,29 +494,61 @@ class Upstream:
         headers = (
             {"Authorization": basic_authorization(credentials)} if credentials else {}
         )
-        try:
-            with trio.fail_after(self._timeouts.head):
-                response = await self._client_for(challenge.realm).get(
-                    challenge.realm, params=params, headers=headers
-                )
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
-            reason = type(exc).__name__
-            raise UpstreamUnavailable(
-                f"token endpoint of upstream {self.key} unreachable: {reason}"
-            ) from exc
+        response, body = await self._ask_realm(realm, params, headers)
         if response.status_code != 200:
             self._token_refused(response)
             return None
         try:
-            token, renew_at = parse_token_response(
-                response.content, trio.current_time()
-            )
+            token, renew_at = parse_token_response(body, trio.current_time())
         except ValueError as exc:
             raise UpstreamUnavailable(
                 f"token endpoint of upstream {self.key}: {exc}"
             ) from exc
         self._tokens.put(key, token, renew_at)
         return token
+
+    async def _ask_realm(
+        self, realm: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[httpx.Response, bytes]:
+        """GET the token endpoint: its response, and the body of a 200.
+
+        Raises:
+            UpstreamUnavailable: The endpoint is unreachable, or its answer
+                is larger than any token.
+        """
+        try:
+            with trio.fail_after(self._timeouts.head):
+                client = self._client_for(realm)
+                request = client.build_request(
+                    "GET", realm, params=params, headers=headers
+                )
+                response = await client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        return response, b""
+                    return response, await self._token_body(response)
+                finally:
+                    await response.aclose()
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+            reason = type(exc).__name__
+            raise UpstreamUnavailable(
+                f"token endpoint of upstream {self.key} unreachable: {reason}"
+            ) from exc
+
+    async def _token_body(self, response: httpx.Response) -> bytes:
+        # Kept whole, an endless answer would fill the node's memory. The
+        # rest is drained rather than broken off (httpx's nested generators
+        # must run to their end); the head timeout bounds the draining.
+        body = bytearray()
+        async for piece in response.aiter_bytes():
+            if len(body) <= _MAX_TOKEN_ANSWER:
+                body += piece
+        if len(body) > _MAX_TOKEN_ANSWER:
+            raise UpstreamUnavailable(
+                f"token endpoint of upstream {self.key} answered more than "
+                f"{_MAX_TOKEN_ANSWER // 1024} KiB"
+            )
+        return bytes(body)
 
     def _token_refused(self, response: httpx.Response) -> None:
         """Raise for a token endpoint that failed; log one that said no.
