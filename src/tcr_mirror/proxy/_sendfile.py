@@ -55,8 +55,13 @@ _TURN_BYTES = 64 << 20
 _TURN = 0.05
 _FULL_GRACE_MS = 5
 # At most this many stored blobs are being sent at the same moment; the
-# others wait their turn. More threads than cores only add switching.
-_SENDERS = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+# others wait their turn. A sender spends much of its turn in ``poll`` for
+# its one client, using no core, so one per core left the other clients'
+# sockets empty: with reno on loopback (``loadtest/bench_node.py
+# --congestion-control reno``), 32 clients of a cached blob got 0.82x
+# nginx's aggregate and 8 clients 0.73x with 2 senders on 2 cores; 0.90x
+# and 0.89x with 8. 16 measured no better than 8.
+_SENDERS = trio.CapacityLimiter(4 * max(2, os.cpu_count() or 2))
 
 
 # Errors of sendfile that come from reading the file, not from the socket.
