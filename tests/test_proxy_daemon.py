@@ -29,6 +29,7 @@ from support.images import PushedImage, push_image
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
+from tcr_mirror.proxy._daemon import _METRICS_MAX_CONNECTIONS
 
 WAIT = 30.0
 # Far more than the kernel buffers between the node and a client whose
@@ -145,6 +146,44 @@ def test_probes_are_served_on_the_mirror_port_and_not_logged(
         assert client.get("/v2/").status_code == 200
     logged = [e["target"] for e in node.events() if e.get("event") == "request"]
     assert logged == ["/v2/"]
+
+
+def healthz_over(sock: socket.socket) -> bytes:
+    """Ask ``/healthz`` on a keep-alive connection; all that came back,
+    empty if the server closed it."""
+    received = b""
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+        while not received.endswith(b"ok\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return received
+
+
+def test_the_metrics_port_takes_few_connections_and_the_mirror_serves_on(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    """The metrics listener took up to 4096 connections, outside the share
+    of the open-file limit the mirror's connections are kept within."""
+    node = node_factory("--upstream", registry.url, "--metrics-listen", "127.0.0.1:0")
+    host, port = metrics_address(node).rsplit(":", 1)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(_METRICS_MAX_CONNECTIONS):
+            sock = socket.create_connection((host, int(port)), timeout=WAIT)
+            held.append(sock)
+            assert healthz_over(sock).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection((host, int(port)), timeout=WAIT) as past:
+            assert healthz_over(past) == b""
+        with httpx.Client(base_url=node.url, timeout=WAIT) as client:
+            assert client.get("/v2/").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # -- drain ----------------------------------------------------------------------

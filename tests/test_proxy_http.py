@@ -23,6 +23,8 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from tcr_mirror.proxy._http import (
+    _HEAD_TIMEOUT,
+    _IDLE_TIMEOUT,
     _MIN_PROGRESS,
     _SEND_STALL_TIMEOUT,
     FileBody,
@@ -171,6 +173,78 @@ async def test_a_body_larger_than_a_pull_sends_is_answered_413_before_closing() 
 
     assert status_of(answer) == 413
     assert error_code_of(answer) == "UNSUPPORTED"
+
+
+async def test_a_body_declared_too_large_is_refused_without_inviting_it() -> None:
+    """The server used to answer ``100 Continue``, read 64 KiB of a body it
+    would refuse anyway, and only then answer 413."""
+    request = (
+        b"PUT /v2/ HTTP/1.1\r\nHost: mirror\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1048576\r\n\r\n"
+    )
+    async with serving(HttpServer(ok)) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            with trio.fail_after(HANG):
+                first = await stream.receive_some(65536)
+            assert first.startswith(b"HTTP/1.1 413 "), first[:40]
+            answer = first + await read_to_end(stream)
+
+    assert error_code_of(answer) == "UNSUPPORTED"
+
+
+async def test_a_body_declared_too_large_and_never_sent_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server used to wait for the body until its timeout and close
+    without an answer."""
+    request = b"POST /v2/ HTTP/1.1\r\nHost: mirror\r\nContent-Length: 1048576\r\n\r\n"
+    async with serving(HttpServer(ok)) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            answer = b""
+            with trio.move_on_after(_HEAD_TIMEOUT / 2):
+                answer = await stream.receive_some(65536)
+
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:40]
+
+
+async def test_a_second_head_sent_a_byte_a_second_is_cut_off_like_the_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once a request was served, the next head had the idle timeout, four
+    times the head timeout, to arrive."""
+    second = b"GET /v2/ HTTP/1.1\r\nHost: m\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    assert len(second) > _IDLE_TIMEOUT
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        for byte in second:
+            try:
+                await stream.send_all(bytes([byte]))
+            except trio.BrokenResourceError:
+                return
+            await trio.sleep(1)
+
+    async with serving(HttpServer(ok)) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(get(close=False))
+            first = b""
+            with trio.fail_after(HANG):
+                while not first.endswith(b"ok"):
+                    first += await stream.receive_some(65536)
+            started = trio.current_time()
+            nursery.start_soon(trickle, stream)
+            with trio.fail_after(10 * _IDLE_TIMEOUT):
+                while await stream.receive_some(65536):
+                    pass
+            waited = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+
+    assert status_of(first) == 200
+    assert _HEAD_TIMEOUT <= waited < _HEAD_TIMEOUT + 1
 
 
 async def test_connections_past_the_limit_are_closed_at_once() -> None:

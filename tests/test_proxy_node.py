@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
 from support.tokenserver import TokenServer
 from tcr_mirror.proxy._http import origin_form
+from tcr_mirror.proxy._store import BlobStore
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -533,6 +536,35 @@ def test_tag_is_revalidated_after_ttl(
     )
     assert first.content != moved.manifest_bytes
     assert second.content == moved.manifest_bytes
+
+
+def test_a_tag_cached_by_a_clock_that_was_ahead_is_revalidated(
+    registry: Registry, node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """A tag resolved while the node's clock ran a day ahead used to count
+    as fresh until real time caught up, however long the TTL."""
+    push_image(registry, "app", "v1", layer_sizes=[10])
+    data = tmp_path / "persistent"
+    url = "/v2/app/manifests/v1"
+    accept = {"Accept": OCI_MANIFEST}
+    node = node_factory("--upstream", registry.url, "--tag-ttl", "300", data_dir=data)
+    first = httpx.get(f"{node.url}{url}", headers=accept)
+    assert node.stop() == 0
+    upstream = registry.url.split("://", 1)[1]
+    store = BlobStore(data)
+    try:
+        entry = store.get_tag(upstream, "app", "v1", OCI_MANIFEST)
+        assert entry is not None
+        ahead = dataclasses.replace(entry, fetched_at=time.time() + 86400)
+        store.put_tag(upstream, "app", "v1", ahead, OCI_MANIFEST)
+    finally:
+        store.close()
+    moved = push_image(registry, "app", "v1", layer_sizes=[20])
+    again = node_factory("--upstream", registry.url, "--tag-ttl", "300", data_dir=data)
+    second = httpx.get(f"{again.url}{url}", headers=accept)
+    assert first.content != moved.manifest_bytes
+    assert second.status_code == 200
+    assert second.headers["docker-content-digest"] == moved.manifest_digest
 
 
 def test_restart_serves_from_disk_and_sigterm_exits_zero(

@@ -61,6 +61,9 @@ __all__ = ["Node", "NodeStartError", "open_node", "run_node", "serve_until_signa
 logger = logging.getLogger(__name__)
 
 _PROBES = ("/healthz", "/readyz")
+# A scrape endpoint has a few clients; its connections come out of the same
+# open-file limit the mirror's share is cut from (see _max_connections).
+_METRICS_MAX_CONNECTIONS = 64
 
 
 class NodeStartError(Exception):
@@ -299,7 +302,11 @@ class Node:
         self.metrics.registry.register(ConnectionCollector(self._server.statistics))
         await nursery.start(self._serve_clients, self._server)
         if self._metrics_listeners:
-            metrics_server = HttpServer(self._metrics_handler(), log_requests=False)
+            metrics_server = HttpServer(
+                self._metrics_handler(),
+                log_requests=False,
+                max_connections=_METRICS_MAX_CONNECTIONS,
+            )
             await nursery.start(metrics_server.serve, self._metrics_listeners)
             logger.info(
                 "metrics_listening",
@@ -426,7 +433,8 @@ def _raise_open_file_limit() -> None:
 
 def _max_connections() -> int:
     """Client connections to serve at once: half the open-file limit, as
-    each may hold a blob file too, and the rest is for fetches and LMDB."""
+    each may hold a blob file too, and the rest is for fetches, LMDB and
+    the metrics listener's few connections."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return 1 << 20

@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 _MAX_HEAD = 16 * 1024
 _MAX_REQUEST_BODY = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
-# A client has this long to send a request head, and an idle keep-alive
-# connection is closed after this long.
+# A client has this long to send a request head, and a keep-alive
+# connection is closed after this long idle before its next head begins.
 _HEAD_TIMEOUT = 30.0
 _IDLE_TIMEOUT = 120.0
 # A client that takes no bytes at all for this long is dropped, so a reader
@@ -243,10 +243,10 @@ class HttpServer:
     async def _serve_requests(
         self, connection: h11.Connection, stream: trio.SocketStream
     ) -> None:
-        timeout = _HEAD_TIMEOUT
+        idle = 0.0
         while True:
             try:
-                event = await self._next_request(connection, stream, timeout)
+                event = await self._next_request(connection, stream, idle)
             except h11.RemoteProtocolError as exc:
                 await _send_protocol_error(connection, stream, exc)
                 return
@@ -262,18 +262,26 @@ class HttpServer:
             if connection.their_state is not h11.DONE:
                 return
             connection.start_next_cycle()
-            timeout = _IDLE_TIMEOUT
+            idle = _IDLE_TIMEOUT
 
     async def _next_request(
-        self, connection: h11.Connection, stream: trio.SocketStream, timeout: float
+        self, connection: h11.Connection, stream: trio.SocketStream, idle: float
     ) -> h11.Event | type[h11.PAUSED] | None:
-        """The next request head, or None when the connection is to close."""
+        """The next request head, or None when the connection is to close.
+
+        A connection that served a request may stay idle for ``idle``
+        seconds before the next head begins; from then on, as from the
+        accept of a new connection, the head must arrive within
+        ``_HEAD_TIMEOUT``.
+        """
         if self._draining:
             return None
         with trio.CancelScope() as waiting:
             self._waiting.add(waiting)
             try:
-                return await _next_event_within(connection, stream, timeout)
+                if idle and not await _head_begun(connection, stream, idle):
+                    return None
+                return await _next_event_within(connection, stream, _HEAD_TIMEOUT)
             finally:
                 self._waiting.discard(waiting)
         return None
@@ -284,6 +292,7 @@ class HttpServer:
         started = trio.current_time()
         try:
             _check_head_size(request)
+            _check_declared_body_size(request)
             with trio.fail_after(_HEAD_TIMEOUT):
                 await _drain_body(connection, stream)
         except RegistryError as exc:
@@ -334,6 +343,28 @@ def _check_head_size(request: Request) -> None:
         raise HeadTooLarge(f"request head of {size} bytes, at most {_MAX_HEAD}")
 
 
+def _check_declared_body_size(request: Request) -> None:
+    """Refuse a body by its ``Content-Length`` before reading any of it.
+
+    A client that expects ``100 Continue`` is then never invited to send
+    it (RFC 9110, 10.1.1), and one that announced a body it never sends is
+    answered at once rather than at the end of the body's timeout.
+
+    Raises:
+        RequestTooLarge: The declared length is past the limit.
+    """
+    # h11 has checked the value is one decimal number; a chunked body has
+    # no declared length and is measured as it is read.
+    declared = request.headers.get("content-length", "")
+    if "transfer-encoding" in request.headers or not declared.isdigit():
+        return
+    if int(declared) > _MAX_REQUEST_BODY:
+        raise RequestTooLarge(
+            f"request body of {declared} bytes, at most {_MAX_REQUEST_BODY}; "
+            "pulls send none"
+        )
+
+
 def _sendable(response: Response) -> Response:
     """``response``, or a 503 in its place if its head cannot go on the wire.
 
@@ -361,6 +392,22 @@ def _is_field(text: str) -> bool:
 def error_response(exc: RegistryError) -> Response:
     headers = [("Content-Type", "application/json"), *exc.headers]
     return Response(exc.status, headers, exc.body())
+
+
+async def _head_begun(
+    connection: h11.Connection, stream: trio.SocketStream, timeout: float
+) -> bool:
+    """Wait up to ``timeout`` for the first bytes of the next request (or
+    the client's close); False if none came.
+
+    A pipelined request already read counts as begun.
+    """
+    if any(connection.trailing_data):
+        return True
+    with trio.move_on_after(timeout):
+        connection.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+        return True
+    return False
 
 
 async def _next_event_within(

@@ -220,11 +220,7 @@ class Mirror:
         entry = self._store.get_tag(upstream.key, route.name, tag, variant)
         cached = self._cached_tag(entry, accept)
         assert entry is None or cached is None or entry.digest == str(cached.digest)
-        if (
-            cached is not None
-            and entry
-            and time.time() - entry.fetched_at < self._tag_ttl
-        ):
+        if cached is not None and entry and _fresh(entry, self._tag_ttl, time.time()):
             return cached
 
         async def revalidate() -> _Manifest:
@@ -484,6 +480,17 @@ def _blob_headers(digest: Digest) -> list[tuple[str, str]]:
         ("Accept-Ranges", "bytes"),
         _API_VERSION,
     ]
+
+
+def _fresh(entry: TagEntry, tag_ttl: float, now: float) -> bool:
+    """Whether a tag resolved at ``entry.fetched_at`` is served unasked.
+
+    One resolved "in the future" was stored by a clock that was ahead and
+    has since been set back: trusted, it would be served unchecked until
+    the clock caught up, days perhaps, so it is revalidated instead.
+    """
+    age = now - entry.fetched_at
+    return 0 <= age < tag_ttl
 
 
 def _upstream_accept(accept: str) -> str:
