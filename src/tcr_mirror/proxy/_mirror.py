@@ -562,6 +562,18 @@ def relative_link(link: str, namespace: str | None) -> str:
 
 
 async def _read_limited(response: httpx.Response, limit: int, key: str) -> bytes:
+    """Read a small answer whole, refusing one past ``limit`` bytes.
+
+    Raises:
+        UpstreamUnavailable: The answer is larger, or it broke off.
+    """
+    # A declared length is refused before reading: leaving httpx's nested
+    # body generators half-way leaves them for trio to finalise, with a
+    # ResourceWarning per generator, and draining could mean gigabytes.
+    declared = response.headers.get("content-length", "")
+    digits = declared.isascii() and declared.isdigit()
+    if digits and (len(declared) > 18 or int(declared) > limit):
+        raise UpstreamUnavailable(f"upstream {key} sent more than {limit} bytes")
     chunks: list[bytes] = []
     total = 0
     try:
