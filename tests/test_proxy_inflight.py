@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ import trio
 from tcr_mirror.proxy import _fetch
 from tcr_mirror.proxy._config import NodeConfig, make_upstream
 from tcr_mirror.proxy._daemon import run_node
+from tcr_mirror.proxy._errors import StoreFull
+from tcr_mirror.proxy._oci import parse_digest
 
 BLOB = bytes(range(256)) * 8192  # 2 MiB
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -493,3 +496,74 @@ async def test_a_blob_size_no_file_can_hold_is_refused_before_the_head(
     assert response.json()["errors"][0]["code"]
     assert not [r for r in caplog.records if r.getMessage() == "blob_fetch_crashed"]
     assert not list((tmp_path / "tmp").iterdir())
+
+
+async def store_bytes(client: httpx.AsyncClient, metrics: str) -> int:
+    """What the node counts as stored plus reserved, from its /metrics."""
+    text = (await client.get(f"http://{metrics}/metrics")).text
+    (line,) = [x for x in text.splitlines() if x.startswith("tcr_mirror_store_bytes ")]
+    return int(float(line.split()[1]))
+
+
+async def test_a_fetch_that_lost_its_file_gives_its_room_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fetch's file is deleted behind it, and the client that finds it
+    # gone cannot start another fetch: the lost one must still give back
+    # the room it holds when it ends, or the budget shrinks for good.
+    caplog.set_level(logging.INFO, logger="tcr_mirror")
+    upstream = PacedUpstream()
+    async with (
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        await nursery.start(upstream.serve)
+        up = make_upstream(None, f"http://127.0.0.1:{upstream.port}", default=True)
+        config = NodeConfig(
+            listen=("127.0.0.1", 0),
+            metrics_listen=("127.0.0.1", 0),
+            data_dir=tmp_path,
+            upstreams=(up,),
+        )
+        host, port = await nursery.start(run_node, config)
+        (metrics,) = [
+            r.__dict__["address"]
+            for r in caplog.records
+            if r.getMessage() == "metrics_listening"
+        ]
+        blob_url = f"http://{host}:{port}/v2/app/blobs/{DIGEST}"
+
+        async with client.stream("GET", blob_url) as first:
+            assert await store_bytes(client, metrics) == len(BLOB)
+            for temp in (tmp_path / "tmp").iterdir():
+                temp.unlink()
+            async with immutable(tmp_path / "tmp"):
+                refused = await client.get(blob_url)
+                assert refused.status_code == 503
+                upstream.release.set()
+                # Its client had the file open: it gets the verified bytes.
+                assert await first.aread() == BLOB
+
+            assert await store_bytes(client, metrics) == 0
+
+        again = await client.get(blob_url)
+        assert again.content == BLOB
+        assert await store_bytes(client, metrics) == len(BLOB)
+        nursery.cancel_scope.cancel()
+    assert upstream.blob_gets == 2
+
+
+async def test_a_verified_fetch_that_could_not_be_stored_still_serves_its_clients(
+    tmp_path: Path,
+) -> None:
+    # Storing fails after the digest matched (the index cannot be written):
+    # a client that joined before the size was known and runs only now has
+    # the file open, and its bytes are good; it is served, not failed.
+    fetch = _fetch.BlobFetch(parse_digest(DIGEST), tmp_path / "blob")
+    fetch.size = fetch.written = len(BLOB)
+    fetch.verified = True
+    fetch.error = StoreFull("cannot index blob")
+
+    assert await fetch.wait_size() == len(BLOB)
+    assert await fetch.wait_available(0) == len(BLOB)
+    await fetch.wait_verified()

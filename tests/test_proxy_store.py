@@ -40,10 +40,11 @@ def digest_of(data: bytes) -> Digest:
 def put(store: BlobStore, data: bytes) -> Digest:
     """Store a blob the way a fetch does: reserve, temp file, commit."""
     digest = digest_of(data)
-    store.reserve(digest, len(data))
+    reservation = store.reserve(digest, len(data))
     temp = store.new_temp_path(digest)
     temp.write_bytes(data)
     store.commit_blob(digest, temp, len(data))
+    store.unreserve(reservation)
     return digest
 
 

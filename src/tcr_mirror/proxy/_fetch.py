@@ -55,7 +55,7 @@ from tcr_mirror.proxy._errors import (
 )
 from tcr_mirror.proxy._oci import Digest
 from tcr_mirror.proxy._rawget import BodyBroken, RawResponse
-from tcr_mirror.proxy._store import NO_SPACE, BlobStore, disk_error
+from tcr_mirror.proxy._store import NO_SPACE, BlobStore, Reservation, disk_error
 from tcr_mirror.proxy._upstream import Upstream, status_error
 from tcr_mirror.proxy._writebehind import WriteBehind
 
@@ -92,6 +92,8 @@ class BlobFetch:
         size: The blob's size once the upstream told it, else None.
         written: Bytes written to the file so far.
         verified: The blob's bytes matched its digest and are on disk.
+        reservation: The room it holds in the store's budget, once the
+            size is known; given back when it ends.
         done: The blob is verified and in the store.
         error: Why the fetch failed, if it did.
     """
@@ -105,6 +107,7 @@ class BlobFetch:
         self.size: int | None = None
         self.written = 0
         self.verified = False
+        self.reservation: Reservation | None = None
         self.done = False
         self.error: RegistryError | None = None
         self._changed = trio.Event()
@@ -127,11 +130,13 @@ class BlobFetch:
         """Wait until the upstream told the blob's size.
 
         Raises:
-            RegistryError: The fetch failed before that.
+            RegistryError: The fetch failed before its bytes were verified.
         """
         while self.size is None and self.error is None:
             await self._changed.wait()
-        if self.error is not None:
+        # As in wait_available: bytes verified stay good if storing them
+        # failed after, and the caller's open file holds them.
+        if self.error is not None and not self.verified:
             raise self.error
         assert self.size is not None
         return self.size
@@ -280,13 +285,13 @@ class BlobFetcher:
                 logger.exception("blob_fetch_crashed", extra=log)
         finally:
             os.close(fd)
-            # An abandoned fetch's digest may have a new fetch by now.
-            current = self._fetches.get(fetch.digest) is fetch
+            if fetch.reservation is not None:
+                # However it ended: stored, its bytes count as a blob now.
+                self._store.unreserve(fetch.reservation)
             if not fetch.done:
                 _remove_temp(fetch)
-                if current:
-                    self._store.unreserve(fetch.digest)
-            if current:
+            # An abandoned fetch's digest may have a new fetch by now.
+            if self._fetches.get(fetch.digest) is fetch:
                 del self._fetches[fetch.digest]
             fetch.notify()
 
@@ -304,7 +309,7 @@ class BlobFetcher:
                 ) as response:
                     size = _check_response(response, fetch, upstream.key)
                     if fetch.size is None:
-                        self._store.reserve(fetch.digest, size)
+                        fetch.reservation = self._store.reserve(fetch.digest, size)
                         await self._claim_space(fetch, fd, size)
                         # Only now may clients have a head: a disk without
                         # room fails them all with an error instead.

@@ -8,10 +8,14 @@ What that leaves to a crash:
 * A killed process loses nothing: its pages are in the kernel.
 * A power cut or kernel crash loses the writes of the last seconds, and
   with both syncs off it can leave the database damaged (a meta page that
-  points at pages which never reached the disk). A database that cannot
-  be opened or read through at start is moved aside and started afresh:
+  points at pages which never reached the disk). A database that LMDB
+  finds damaged when it is opened and read through at start is moved
+  aside (the last one kept, as ``index.broken-*``) and started afresh:
   blob files are named by their digest and re-indexed, manifests and tags
-  are fetched again. A record that turns out damaged later is a miss.
+  are fetched again. Any other failure to open it (permissions, memory,
+  reader slots, I/O) stops the start instead: the index is not damaged,
+  and throwing it away would lose every manifest and tag for a fault that
+  passes. A record that turns out damaged later is a miss.
 * No crash makes the mirror serve wrong bytes: a manifest is checked
   against its digest at every read and dropped when it does not match,
   and a blob record only says how long its file must be (the file's bytes
@@ -33,6 +37,7 @@ import collections
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +58,26 @@ logger = logging.getLogger(__name__)
 SYNC_INTERVAL = 5.0
 # Distinct read or write failures logged; past that, new ones are not.
 _MAX_LOGGED = 64
+# What LMDB reports only when the file's bytes are not a sound database
+# (MDB_INVALID is also a file of another engine version, which this one
+# cannot read either). Everything else, such as ENOMEM, EIO, EACCES (that
+# py-lmdb calls ReadonlyError) or full reader slots, says nothing about
+# the file. (Page checksums, LMDB 1.0's, are not enabled here.)
+_DAMAGED = (
+    lmdb.InvalidError,
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.VersionMismatchError,
+    lmdb.IncompatibleError,
+)
+_BROKEN_PREFIX = "index.broken-"
+
+
+class _CutShort(Exception):
+    """The data file ends before the pages its meta page counts."""
+
+
+_DAMAGED_OR_CUT = (*_DAMAGED, _CutShort)
 
 
 # The caps are fixed rather than configured: a node runs tens or hundreds
@@ -130,6 +155,10 @@ class Index:
     Args:
         root: The data directory.
         limits: How large the index may grow.
+
+    Raises:
+        lmdb.Error: The index cannot be opened for a reason other than
+            damage (which rebuilds it), or not even afresh.
     """
 
     def __init__(self, root: Path, limits: IndexLimits | None = None) -> None:
@@ -139,9 +168,19 @@ class Index:
         self._written = False
         self._logged: set[tuple[str, str]] = set()
         try:
-            self._open()
-        except lmdb.Error as exc:
-            self._rebuild(exc)
+            try:
+                self._open()
+            except _DAMAGED_OR_CUT as exc:
+                self._rebuild(exc)
+        except BaseException:
+            self._close_env()
+            raise
+
+    def _close_env(self) -> None:
+        # Closing twice is harmless; never opened, there is nothing to close.
+        env = getattr(self, "_env", None)
+        if env is not None:
+            env.close()
 
     def _open(self) -> None:
         self._env = lmdb.open(
@@ -151,6 +190,7 @@ class Index:
             sync=False,
             metasync=False,
         )
+        self._check_length()
         self._blobs = self._env.open_db(b"blobs")
         self._manifests = self._env.open_db(b"manifests")
         self._tags = self._env.open_db(b"tags")
@@ -166,19 +206,49 @@ class Index:
         for key, _ in sorted(self._items(self._tags), key=_resolved_at):
             self._tag_order.add(key, 0)
 
-    def _rebuild(self, exc: lmdb.Error) -> None:
+    def _check_length(self) -> None:
+        """Raise :class:`_CutShort` if the data file lacks pages in use.
+
+        A file cut short (a power cut before its growth reached the disk)
+        is read through the map past its end, which kills the process with
+        SIGBUS rather than raising: every start would die the same way.
+        """
+        pages = self._env.info()["last_pgno"] + 1
+        needed = pages * self._env.stat()["psize"]
+        actual = (self._path / "data.mdb").stat().st_size
+        if actual < needed:
+            raise _CutShort(
+                f"{self._path}: data file has {actual} bytes, its pages {needed}"
+            )
+
+    def _rebuild(self, exc: Exception) -> None:
         # Blob files are named by their digest and recover() indexes them;
-        # manifests and tags are fetched again. Keep the broken one for a
-        # post-mortem.
-        broken = self._root / f"index.broken-{int(time.time())}"
+        # manifests and tags are fetched again. The broken one is kept for
+        # a post-mortem, only the last: every damaged start would add one.
+        # Nanoseconds, since a node restarted at once can break it twice
+        # within a second.
+        broken = self._root / f"{_BROKEN_PREFIX}{time.time_ns()}"
         logger.error(
             "index_unreadable", extra={"reason": str(exc), "moved_to": str(broken)}
         )
-        if getattr(self, "_env", None) is not None:
-            self._env.close()
+        self._close_env()
         self._path.rename(broken)
+        self._remove_broken(keep=broken)
         self._path.mkdir()
         self._open()
+
+    def _remove_broken(self, keep: Path) -> None:
+        for old in self._root.glob(f"{_BROKEN_PREFIX}*"):
+            if old == keep:
+                continue
+            try:
+                shutil.rmtree(old)
+            except OSError as exc:
+                # Only disk space is at stake; the next rebuild tries again.
+                logger.warning(
+                    "index_broken_not_removed",
+                    extra={"path": str(old), "reason": exc.strerror},
+                )
 
     def close(self) -> None:
         try:

@@ -58,6 +58,7 @@ __all__ = [
     "BlobStore",
     "DataDirInUse",
     "IndexLimits",
+    "Reservation",
     "StoreBudget",
     "TagEntry",
     "disk_error",
@@ -108,6 +109,18 @@ class StoreBudget:
     low: float = 0.80
 
 
+@dataclass(eq=False)
+class Reservation:
+    """Room one fetch holds in the budget until it ends, given back once.
+
+    Each fetch has its own: a fetch abandoned for one started after it
+    holds room beside it until it ends too.
+    """
+
+    digest: Digest
+    size: int
+
+
 @dataclass(frozen=True)
 class BlobEntry:
     """What the index knows of a stored blob."""
@@ -126,7 +139,8 @@ class BlobStore:
     Raises:
         DataDirInUse: Another process uses the data directory.
         OSError: The directory cannot be made or written.
-        lmdb.Error: The index cannot be opened, even afresh.
+        lmdb.Error: The index cannot be opened for a reason other than
+            damage (a damaged one is rebuilt), or not even afresh.
     """
 
     def __init__(
@@ -147,7 +161,9 @@ class BlobStore:
         self._lock_fd = _lock(self.root / "lock")
         self._closed = False
         self._temp_serial = 0
-        self._reserved: dict[Digest, int] = {}
+        self._reservations: set[Reservation] = set()
+        self._reserved_bytes = 0
+        self._fetching: collections.Counter[Digest] = collections.Counter()
         self._readers: collections.Counter[Digest] = collections.Counter()
         self.evictions = 0
         self.evicted_bytes = 0
@@ -290,7 +306,6 @@ class BlobStore:
         except lmdb.Error as exc:
             final.unlink(missing_ok=True)
             raise StoreFull(f"cannot index blob {digest}: {exc}") from exc
-        self._reserved.pop(digest, None)
         self._used += size - self._lru.pop(digest, 0)
         self._lru[digest] = size
         return final
@@ -300,10 +315,14 @@ class BlobStore:
     @property
     def used_bytes(self) -> int:
         """Bytes of stored blobs plus those reserved by fetches in flight."""
-        return self._used + sum(self._reserved.values())
+        return self._used + self._reserved_bytes
 
-    def reserve(self, digest: Digest, size: int) -> None:
+    def reserve(self, digest: Digest, size: int) -> Reservation:
         """Make room for a blob about to be fetched, evicting if needed.
+
+        Returns:
+            The room held, for :meth:`unreserve` when the fetch ends,
+            stored or not.
 
         Raises:
             StoreFull: The blob cannot fit even after evicting every blob
@@ -317,9 +336,13 @@ class BlobStore:
                 f"no room for blob {digest} ({size} bytes) in a store of "
                 f"{limit} bytes with {self.used_bytes} bytes in use"
             )
-        self._reserved[digest] = size
+        reservation = Reservation(digest, size)
+        self._reservations.add(reservation)
+        self._reserved_bytes += size
+        self._fetching[digest] += 1
         if limit is not None and self.used_bytes > limit * self.budget.high:
             self.evict_to(int(limit * self.budget.low))
+        return reservation
 
     def _idle_bytes(self) -> int:
         """Bytes of stored blobs that could be evicted now: all but those
@@ -327,11 +350,17 @@ class BlobStore:
         return self._used - sum(self._lru.get(d, 0) for d in self._readers)
 
     def _busy(self, digest: Digest) -> bool:
-        return bool(self._readers[digest]) or digest in self._reserved
+        return bool(self._readers[digest] or self._fetching[digest])
 
-    def unreserve(self, digest: Digest) -> None:
-        """Give back the room of a fetch that failed."""
-        self._reserved.pop(digest, None)
+    def unreserve(self, reservation: Reservation) -> None:
+        """Give back the room of a fetch that ended; again is a no-op."""
+        if reservation not in self._reservations:
+            return
+        self._reservations.remove(reservation)
+        self._reserved_bytes -= reservation.size
+        self._fetching[reservation.digest] -= 1
+        if self._fetching[reservation.digest] <= 0:
+            del self._fetching[reservation.digest]
 
     def acquire_reader(self, digest: Digest) -> None:
         self._readers[digest] += 1
