@@ -114,6 +114,16 @@ def test_token_cache_drops_tokens_at_their_renewal_time() -> None:
     assert cache.get(key, 50) is None  # dropped, not just hidden
 
 
+def test_token_cache_drops_a_refused_token_only_while_it_is_kept() -> None:
+    cache = TokenCache()
+    key = ("realm", "service", "repository:a:pull")
+    cache.put(key, "new", renew_at=100)
+    cache.drop(key, "old")  # a late refusal of the token replaced
+    assert cache.get(key, 0) == "new"
+    cache.drop(key, "new")
+    assert cache.get(key, 0) is None
+
+
 def test_retry_after() -> None:
     now = 1_700_000_000.0
     assert parse_retry_after("30", now) == 30
@@ -205,6 +215,9 @@ def test_no_origin_without_an_http_scheme_and_a_host(url: str) -> None:
         ("https://r.example/v2/", "https://s3.example/b?sig=1", "https://s3.example/b?sig=1"),
         ("http://r.example/v2/", "https://s3.example/b", "https://s3.example/b"),
         ("http://r.example/v2/", "http://s3.example/b", "http://s3.example/b"),
+        # User info is no credential to send on, nor part of a Host.
+        ("https://r.example/v2/", "https://u:p@s3.example:8443/b?s=1", "https://s3.example:8443/b?s=1"),
+        ("https://r.example/v2/", "https://u@[::1]/b", "https://[::1]/b"),
     ],
 )  # fmt: skip
 def test_redirect_targets(url: str, location: str, expected: str) -> None:

@@ -151,6 +151,28 @@ def test_no_proxy_entries(no_proxy: str, url: str, direct: bool) -> None:
     assert (configured.for_url(url) is None) is direct
 
 
+UNREADABLE_NO_PROXY = ["tcr.example:²", "tcr.example:x", "tcr.example:99999", ":443"]
+
+
+@pytest.mark.parametrize("entry", [*UNREADABLE_NO_PROXY, "[tcr.example]:443"])
+def test_a_no_proxy_entry_that_exempts_nothing_is_skipped_or_refused(
+    entry: str,
+) -> None:
+    """Go skips what it cannot read in NO_PROXY; a node's own config is
+    refused in one line instead, as a typo there is the operator's."""
+    environ = {"HTTPS_PROXY": "proxy:3128", "NO_PROXY": f"{entry},near.example"}
+    policy = ProxyPolicy.from_environment(environ)
+    assert policy.for_url("https://near.example/") is None
+    assert policy.for_url("https://tcr.example/") == HttpProxy("proxy", 3128)
+    with pytest.raises(ValueError, match="^no_proxy entry"):
+        ProxyPolicy.configured(PROXY, [entry, "near.example"])
+
+
+def test_a_no_proxy_entry_without_a_port_after_its_colon_is_any_port() -> None:
+    policy = ProxyPolicy.configured(PROXY, ["tcr.example:"])
+    assert policy.for_url("https://tcr.example:5000/") is None
+
+
 def test_a_bad_proxy_variable_names_itself() -> None:
     with pytest.raises(ValueError, match="^HTTPS_PROXY in the environment: proxy"):
         ProxyPolicy.from_environment({"HTTPS_PROXY": "http://proxy:99999"})
@@ -360,3 +382,24 @@ def test_cli_proxy_errors_are_one_line_without_the_password(
     assert message in result.stderr
     assert "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("entry", UNREADABLE_NO_PROXY)
+def test_cli_skips_an_unreadable_no_proxy_variable_and_refuses_the_flag(
+    tmp_path: Path, entry: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    # A file for a data directory: the start fails just after the proxies.
+    data_dir = tmp_path / "file"
+    data_dir.write_text("")
+    args = ["--upstream", "https://tcr.example", "--data-dir", str(data_dir)]
+    environ = {**env, "HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": entry}
+    from_environment = run_node(args, environ)
+    flag = run_node([*args, "--proxy", "http://proxy:3128", "--no-proxy", entry], env)
+
+    assert "cannot use data directory" in from_environment.stderr
+    assert flag.stderr.count("\n") == 1
+    assert "no_proxy entry" in flag.stderr
+    for result in (from_environment, flag):
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr

@@ -60,6 +60,33 @@ def chunked(*chunks: bytes) -> bytes:
     return head + body + b"0\r\n\r\n"
 
 
+async def test_the_host_header_carries_no_user_info() -> None:
+    """RFC 9110 7.2: Host is host[:port]; servers log it, passwords included."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    request = bytearray()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            while b"\r\n\r\n" not in request:
+                request.extend(connection.recv(65536))
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"http://user:s3cret@127.0.0.1:{port}/v2/app/blobs/x"
+        response = await raw_get(url, {}, **TIMEOUTS)
+        await response.aclose()
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+    assert f"\r\nhost: 127.0.0.1:{port}\r\n".encode() in bytes(request).lower()
+    assert b"s3cret" not in request
+
+
 async def test_a_chunked_body_larger_than_a_read_is_read_whole() -> None:
     big = bytes(range(256)) * 12288  # 3 MiB in one chunk: more than one read
     with one_answer(chunked(b"abc", big, b"xyz")) as url:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
+from tcr_mirror.proxy._errors import TooManyRequests
 from tcr_mirror.proxy._singleflight import SingleFlight
 
 
@@ -53,6 +55,61 @@ async def test_waiters_share_one_call_error(
         for _ in range(3):
             nursery.start_soon(ask)
     assert len(errors) == 3
+
+
+async def test_each_waiter_raises_an_error_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Raised by every waiter, one error object would gather each one's
+    frames in its traceback (kept alive as long as any of them keeps it)."""
+    flight: SingleFlight[int] = SingleFlight()
+    errors: list[LookupError] = []
+    depths: list[int] = []
+
+    async def fails() -> int:
+        await trio.sleep(1)
+        raise LookupError("nope")
+
+    async def ask() -> None:
+        try:
+            await flight.do("key", fails)
+        except LookupError as exc:
+            errors.append(exc)
+            depths.append(len(traceback.extract_tb(exc.__traceback__)))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(ask)
+
+    assert all(str(error) == "nope" for error in errors)
+    # The leader's traceback, then each waiter's: none longer than another.
+    assert len(depths) == 10
+    assert len(set(depths[1:])) == 1
+    assert len({id(error) for error in errors}) == 10
+
+
+async def test_a_waiter_s_error_keeps_its_attributes() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    started = trio.Event()
+    release = trio.Event()
+
+    async def fails() -> int:
+        started.set()
+        await release.wait()
+        raise TooManyRequests("slow down", retry_after=7)
+
+    async def ask() -> None:
+        with pytest.raises(TooManyRequests) as info:
+            await flight.do("key", fails)
+        assert info.value.retry_after == 7
+        assert info.value.headers == [("Retry-After", "7")]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await started.wait()
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
 
 
 async def test_a_cancelled_leader_lets_a_waiter_retry() -> None:

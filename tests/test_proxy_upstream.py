@@ -288,6 +288,21 @@ async def test_a_redirect_to_another_port_of_the_same_host_drops_authorization(
 
 
 @both_readers
+async def test_a_redirect_carrying_user_info_sends_it_nowhere(raw: bool) -> None:
+    """RFC 9110's Host holds no user info (storage logs its Host), and a
+    password in a Location is no credential to send on."""
+    storage = ScriptedServer(lambda _: Answer(200, body=b"blob"))
+    registry = ScriptedServer(
+        redirect_blobs_to(lambda: f"http://u:pass@127.0.0.1:{storage.port}/s/1")
+    )
+    async with serving(registry, storage), upstream_of(registry.url) as upstream:
+        assert await get(upstream, BLOB_PATH, raw=raw) == 200
+
+    assert storage.seen[0].headers["host"] == f"127.0.0.1:{storage.port}"
+    assert "authorization" not in storage.seen[0].headers
+
+
+@both_readers
 async def test_a_challenge_from_storage_gets_none_of_the_registry_s_credentials(
     raw: bool,
 ) -> None:
@@ -486,6 +501,71 @@ async def test_concurrent_first_pulls_share_one_token_request() -> None:
     assert realm.seen[0].headers["authorization"] == BASIC
 
 
+class RotatingRegistry(ScriptedServer):
+    """Accepts only the realm's newest token.
+
+    After :meth:`rotate`, the first refusal of the old token is answered
+    at once and every later one only once the new token came in: late
+    401s, as many nodes' pulls see them when a signing key rotates.
+    """
+
+    def __init__(self, realm: ScriptedServer) -> None:
+        super().__init__(self._answer)
+        self.realm = realm
+        self.tokens = ["token-1"]
+        self.refusals = 0
+        self.new_token_seen = trio.Event()
+
+    def rotate(self) -> None:
+        self.tokens.append(f"token-{len(self.tokens) + 1}")
+        self.refusals = 0
+        self.new_token_seen = trio.Event()
+
+    def _answer(self, request: Seen) -> Answer:
+        if request.headers.get("authorization") == f"Bearer {self.tokens[-1]}":
+            return Answer(200, (("Content-Type", "application/json"),), b"{}")
+        challenge = f'Bearer realm="{self.realm.url}/token",service=registry'
+        return Answer(401, (("WWW-Authenticate", challenge),))
+
+    async def before_answer(self, request: Seen) -> None:
+        sent = request.headers.get("authorization", "")
+        if sent == f"Bearer {self.tokens[-1]}":
+            self.new_token_seen.set()
+        elif sent.startswith("Bearer "):
+            self.refusals += 1
+            if self.refusals > 1:
+                await self.new_token_seen.wait()
+        await trio.lowlevel.checkpoint()
+
+
+async def test_late_401s_after_a_key_rotation_cost_one_token_request() -> None:
+    """A pull refused with the old token must not drop the new one that
+    another pull fetched meanwhile: each drop is one more token request,
+    a storm when a thousand nodes pull at once."""
+    realm = ScriptedServer(lambda _: token_answer(registry.tokens[-1]))
+    registry = RotatingRegistry(realm)
+    statuses: list[int] = []
+
+    async def pull(upstream: Upstream) -> None:
+        statuses.append(await get(upstream, MANIFEST_PATH, raw=False))
+
+    async with (
+        serving(registry, realm),
+        upstream_of(
+            registry.url, credentials=StaticCredentials(CREDENTIALS)
+        ) as upstream,
+    ):
+        assert await get(upstream, MANIFEST_PATH, raw=False) == 200
+        registry.rotate()
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as pulls:
+                for _ in range(20):
+                    pulls.start_soon(pull, upstream)
+
+    assert statuses == [200] * 20
+    assert [r.headers["authorization"] for r in realm.seen] == [BASIC, BASIC]
+
+
 # Credentials from a control plane that stalls.
 
 
@@ -598,6 +678,37 @@ async def test_a_proxy_trickling_its_connect_answer_cannot_hold_a_pull(
             "https://registry.example", timeouts=timeouts, proxies=policy
         ) as upstream:
             with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable):
+                await get(upstream, BLOB_PATH, raw=raw)
+        nursery.cancel_scope.cancel()
+
+    assert proxy.connects == 1
+
+
+class RefusingProxy(TricklingProxy):
+    """Refuses ``CONNECT`` with a reason phrase that is not ASCII."""
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some(65536)
+            self.connects += 1
+            head = "HTTP/1.1 403 Verboten – nur für Mitarbeiter\r\n\r\n"
+            await stream.send_all(head.encode())
+            await stream.aclose()
+
+
+@both_readers
+async def test_a_proxy_refusing_in_words_not_ascii_is_the_upstream_unavailable(
+    raw: bool,
+) -> None:
+    """A guard on httpcore and h11, which read such a reason phrase today."""
+    proxy = RefusingProxy()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        policy = ProxyPolicy.configured(HttpProxy("127.0.0.1", proxy.port))
+        async with upstream_of("https://registry.example", proxies=policy) as upstream:
+            with pytest.raises(
+                UpstreamUnavailable, match=f"proxy 127.0.0.1:{proxy.port}"
+            ):
                 await get(upstream, BLOB_PATH, raw=raw)
         nursery.cancel_scope.cancel()
 

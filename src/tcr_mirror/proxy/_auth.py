@@ -210,6 +210,11 @@ def redirect_target(url: str, location: str) -> str:
         raise RedirectRefused(
             f"redirect from HTTPS to {scheme.upper()} refused: {_redacted(target)}"
         )
+    # User info in a Location is no credential to send on (httpx would make
+    # it Basic auth), and no part of the Host header (RFC 9110 7.2).
+    parts = urlsplit(target)
+    if "@" in parts.netloc:
+        target = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     return _percent_encoded(target)
 
 
@@ -272,5 +277,13 @@ class TokenCache:
     def put(self, key: tuple[str, str, str], token: str, renew_at: float) -> None:
         self._tokens[key] = (token, renew_at)
 
-    def drop(self, key: tuple[str, str, str]) -> None:
-        self._tokens.pop(key, None)
+    def drop(self, key: tuple[str, str, str], token: str) -> None:
+        """Forget ``token``, refused by the registry, if it is still the one kept.
+
+        Requests sent with an old token are refused one by one; a late
+        refusal must not drop the new token fetched since, or each one
+        costs another token request.
+        """
+        entry = self._tokens.get(key)
+        if entry is not None and entry[0] == token:
+            del self._tokens[key]

@@ -123,12 +123,13 @@ class NodeConfig:
         long as no upstream would go through it.
 
         Raises:
-            ConfigError: The environment names a proxy that is no URL, or
-                one that is not HTTP for an upstream it would apply to.
+            ConfigError: ``no_proxy`` holds an entry that exempts nothing,
+                or the environment names a proxy that is no URL, or one
+                that is not HTTP for an upstream it would apply to.
         """
-        if self.proxy is not None:
-            return ProxyPolicy.configured(self.proxy, self.no_proxy)
         try:
+            if self.proxy is not None:
+                return ProxyPolicy.configured(self.proxy, self.no_proxy)
             policy = ProxyPolicy.from_environment(environ)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -171,7 +171,13 @@ def parse_no_proxy(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(item.strip().lower() for item in items if item.strip())
 
 
-def _parse_exception(entry: str) -> _Exception:
+def _parse_exception(entry: str) -> _Exception | None:
+    """Read one ``NO_PROXY`` entry.
+
+    Returns:
+        What it exempts, or None for an entry that can exempt nothing: a
+        port that is no number (``host:x``, ``host:²``), no host at all.
+    """
     if entry == "*":
         return _Exception(everything=True)
     try:
@@ -182,15 +188,32 @@ def _parse_exception(entry: str) -> _Exception:
         pass
     host, port = entry, None
     head, sep, tail = entry.rpartition(":")
-    if sep and tail.isdigit() and (not head.startswith("[") or head.endswith("]")):
-        host, port = head, int(tail)
-    address = _ip(host.strip("[]"))
+    if sep:
+        # As in Go, "host:" names the host on any port.
+        port = _port(tail) if tail else None
+        if tail and port is None:
+            return None
+        host = head
+    if host.startswith("["):
+        address = _ip(host[1:-1]) if host.endswith("]") else None
+        if address is None:
+            return None
+        return _Exception(network=ipaddress.ip_network(address), port=port)
+    address = _ip(host)
     if address is not None:
         return _Exception(network=ipaddress.ip_network(address), port=port)
+    domain = host.lstrip("*").lstrip(".")
+    if not domain:
+        return None
     subdomains_only = host.startswith((".", "*."))
-    return _Exception(
-        domain=host.lstrip("*").lstrip("."), subdomains_only=subdomains_only, port=port
-    )
+    return _Exception(domain=domain, subdomains_only=subdomains_only, port=port)
+
+
+def _port(text: str) -> int | None:
+    # str.isdigit() also takes "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        return None
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -219,13 +242,28 @@ class ProxyPolicy:
     )
 
     def __post_init__(self) -> None:
-        exceptions = tuple(_parse_exception(entry) for entry in self.no_proxy)
+        # Go skips a NO_PROXY entry it cannot read; so does the environment's
+        # policy (a configured one refuses it first).
+        parsed = (_parse_exception(entry) for entry in self.no_proxy)
+        exceptions = tuple(e for e in parsed if e is not None)
         object.__setattr__(self, "_exceptions", exceptions)
 
     @classmethod
     def configured(cls, proxy: HttpProxy, no_proxy: Iterable[str] = ()) -> ProxyPolicy:
-        """One proxy for every URL but those in ``no_proxy``, loopback too."""
-        return cls(proxy, proxy, parse_no_proxy(no_proxy), False, "config")
+        """One proxy for every URL but those in ``no_proxy``, loopback too.
+
+        Raises:
+            ValueError: An entry of ``no_proxy`` can exempt nothing; the
+                message is one line for the user.
+        """
+        entries = parse_no_proxy(no_proxy)
+        for entry in entries:
+            if _parse_exception(entry) is None:
+                raise ValueError(
+                    f"no_proxy entry {entry!r} is none of host[:port], .domain, "
+                    "address[:port] or network"
+                )
+        return cls(proxy, proxy, entries, False, "config")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> ProxyPolicy:

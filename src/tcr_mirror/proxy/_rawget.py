@@ -430,10 +430,13 @@ async def raw_get(
 
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    fields = [("Host", parts.netloc), ("Connection", "close"), *headers.items()]
+    # Host is host[:port] alone (RFC 9110 7.2): user info in a URL is no
+    # credential, and servers log their Host header.
+    authority = parts.netloc.rpartition("@")[2]
+    fields = [("Host", authority), ("Connection", "close"), *headers.items()]
     if proxy is not None and context is None:
         # Plain HTTP through a proxy: the proxy is told where to go.
-        target = f"{parts.scheme}://{parts.netloc}{target}"
+        target = f"{parts.scheme}://{authority}{target}"
         fields += proxy.headers()
     # Whatever fails from here on (a request h11 refuses to send, a body
     # garbled right behind the head) must not leave the connection open

@@ -22,10 +22,10 @@ class _Call(Generic[T]):
 class SingleFlight(Generic[T]):
     """While a call for a key runs, later callers for that key wait for it.
 
-    They all get its result, or its exception re-raised. The call runs in
-    the first caller's task: if that task is cancelled, the waiting callers
-    see :class:`trio.Cancelled` as its outcome's cause and each retries on
-    its own.
+    They all get its result, or each a copy of its exception. The call runs
+    in the first caller's task: if that task is cancelled, the waiting
+    callers see :class:`trio.Cancelled` as its outcome's cause and each
+    retries on its own.
     """
 
     def __init__(self) -> None:
@@ -43,7 +43,7 @@ class SingleFlight(Generic[T]):
                 if isinstance(result, outcome.Value):
                     return cast(T, result.value)
                 assert isinstance(result, outcome.Error)
-                raise result.error
+                raise _fresh(result.error) from result.error.__cause__
 
     async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
         call: _Call[T] = _Call()
@@ -60,3 +60,17 @@ def _was_cancelled(result: outcome.Outcome[object]) -> bool:
     return isinstance(result, outcome.Error) and isinstance(
         result.error, trio.Cancelled
     )
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of ``error`` for a waiter to raise.
+
+    One exception object raised in many tasks gathers every task's frames
+    in its traceback, and keeps them alive while any task holds it.
+    """
+    try:
+        fresh = type(error).__new__(type(error), *error.args)
+    except Exception:  # a __new__ that takes other arguments than its args
+        return error
+    fresh.__dict__.update(error.__dict__)
+    return fresh

@@ -318,10 +318,8 @@ class Upstream:
                 )
                 if challenge is not None and challenge.scheme in ("basic", "bearer"):
                     await response.aclose()
-                    if authorization and self._challenge is not None:
-                        # The token just refused (revoked, or signed with a
-                        # rotated key) must not be sent again.
-                        self._tokens.drop(self._token_key(self._challenge, scope))
+                    if authorization:
+                        self._drop_refused_token(scope, authorization)
                     self._challenge = challenge
                     answered_challenge = True
                     continue
@@ -338,6 +336,14 @@ class Upstream:
                 if from_registry:
                     self._blocked_until = trio.current_time() + delay
             return response
+
+    def _drop_refused_token(self, scope: str, authorization: str) -> None:
+        # The token just refused (revoked, or signed with a rotated key)
+        # must not be sent again.
+        challenge = self._challenge
+        token = authorization.removeprefix("Bearer ")
+        if challenge is not None and challenge.scheme == "bearer":
+            self._tokens.drop(self._token_key(challenge, scope), token)
 
     def _check_not_blocked(self) -> None:
         remaining = self._blocked_until - trio.current_time()
