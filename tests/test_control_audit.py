@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,80 @@ def test_sigkill_during_appends_leaves_a_log_that_verifies(tmp_path: Path) -> No
         log.append({"eventName": "DescribeInstances"})
     after = verify(path)
     assert (after.ok, after.lines, after.torn_tail) == (True, result.lines + 1, False)
+
+
+_DIES_MID_LINE = """
+import os, signal, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+os.write(fd, b'{"eventName":"CreateInstanceToken","seq":')
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writer_killed_mid_line_does_not_break_a_log_held_open(
+    tmp_path: Path,
+) -> None:
+    # `control serve` keeps the log open for days while CLI runs share the
+    # file; one of them dying mid-line must not spoil serve's next event.
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        log.append({"eventName": "DescribeInstances"})
+        crashed = subprocess.run(
+            [sys.executable, "-c", _DIES_MID_LINE, str(path)], timeout=30, check=False
+        )
+        assert crashed.returncode == -signal.SIGKILL
+        log.append({"eventName": "CreateInstanceToken"})
+
+    result = verify(path)
+    assert (result.ok, result.lines, result.torn_tail) == (True, 2, False), str(result)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)]
+    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        if unmount.returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem is full."""
+    with open(path, "wb", buffering=0) as filler:
+        for _ in range(10_000):
+            try:
+                filler.write(b"\0" * 65536)
+            except OSError:
+                return
+    raise AssertionError("the filesystem never filled up")
+
+
+def test_full_disk_fails_the_append_and_leaves_no_half_event(
+    small_filesystem: Path,
+) -> None:
+    path = small_filesystem / "audit.jsonl"
+    filler = small_filesystem / "filler"
+    with AuditLog(path) as log:
+        log.append({"eventName": "DescribeInstances"})
+        fill(filler)
+        # Two free pages: the big event starts to go out, then the disk is full.
+        os.truncate(filler, filler.stat().st_size - 8192)
+
+        with pytest.raises(OSError):
+            log.append({"eventName": "CreateInstanceToken", "pad": "x" * 262144})
+
+    result = verify(path)
+    assert (result.ok, result.lines, result.torn_tail) == (True, 1, False), str(result)
 
 
 # --- query ---------------------------------------------------------------

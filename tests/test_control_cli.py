@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -114,6 +116,56 @@ def test_token_lifecycle_keeps_the_token_out_of_output(cli: Cli) -> None:
         (saved["token_id"], False)
     ]
     assert token not in cli.audit_log.read_text()
+
+
+def test_token_file_readable_by_others_is_made_private(cli: Cli) -> None:
+    token_file = cli.workdir / "shared.json"
+    token_file.write_text("{}\n")
+    token_file.chmod(0o644)
+
+    created = cli(
+        "tokens", "create", cli.instances["cli-two"], "--token-file", str(token_file)
+    )
+
+    assert created.code == 0, created.err
+    assert "password" in json.loads(token_file.read_text())
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_unwritable_secret_file_fails_apply_with_a_report(cli: Cli) -> None:
+    desired = cli.workdir / "secret-nowhere.toml"
+    desired.write_text(
+        f'[[instance]]\nregistry_id = "{cli.instances["cli-two"]}"\n'
+        'region = "ap-guangzhou"\n[[instance.token]]\ndescription = "lost"\n'
+        'secret_file = "no-such-dir/lost.json"\n'
+    )
+
+    applied = cli("apply", str(desired))
+
+    assert applied.code == 1
+    assert "Traceback" not in applied.err
+    failed = [line for line in applied.out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1, applied.out
+    assert "created but not saved" in failed[0]
+    assert "no-such-dir/lost.json" in failed[0]
+
+
+def test_stale_secret_file_is_replaced_private(cli: Cli) -> None:
+    secret = cli.workdir / "stale.json"
+    stale = cli.workdir / "stale.json.tmp"
+    stale.write_text("{}")
+    stale.chmod(0o644)
+    desired = cli.workdir / "stale.toml"
+    desired.write_text(
+        f'[[instance]]\nregistry_id = "{cli.instances["cli-two"]}"\n'
+        'region = "ap-guangzhou"\n[[instance.token]]\ndescription = "stale"\n'
+        'secret_file = "stale.json"\n'
+    )
+
+    applied = cli("apply", str(desired))
+
+    assert applied.code == 0, applied.err
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
 
 
 def test_tcr_error_is_one_line_and_nonzero(cli: Cli) -> None:
@@ -311,6 +363,113 @@ def test_serve_hands_out_tokens(cli: Cli) -> None:
     assert token not in "".join(captured)
     assert token not in cli.audit_log.read_text()
     cli.outputs += captured
+
+
+def test_serve_on_a_taken_port_is_one_line(cli: Cli) -> None:
+    secret_file = cli.workdir / "node-secret"
+    secret_file.write_text("node-secret-for-cli-test\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        run = cli(
+            "serve", "--listen", f"127.0.0.1:{port}",
+            "--registry", cli.instances["cli-two"],
+            "--node-secret-file", str(secret_file),
+        )  # fmt: skip
+
+    assert run.code == 2
+    assert run.err.splitlines()[-1] == (
+        f"tcr-mirror: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in run.err
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)]
+    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        if unmount.returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_serve_keeps_serving_when_the_audit_disk_fills(
+    cli: Cli, small_filesystem: Path
+) -> None:
+    secret_file = cli.workdir / "node-secret"
+    secret_file.write_text("node-secret-for-cli-test\n")
+    audit_log = small_filesystem / "audit.jsonl"
+    command = [sys.executable, "-m", "tcr_mirror", "control"]
+    command += ["--endpoint", cli.endpoint, "--audit-log", str(audit_log)]
+    command += [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        cli.instances["cli-two"],
+    ]
+    # One-hour tokens renewed every ~2 s, so renewals meet the full disk soon.
+    command += ["--node-secret-file", str(secret_file), "--renew-fraction", "0.0005"]
+    proc = subprocess.Popen(
+        command, env=sim_env(), stderr=subprocess.PIPE, text=True, cwd=cli.workdir
+    )
+    captured: list[str] = []
+    drain = threading.Thread(
+        target=lambda: captured.extend(proc.stderr or []), daemon=True
+    )
+    try:
+        assert proc.stderr is not None
+        ready: dict[str, object] = {}
+        for _ in range(50):
+            line = proc.stderr.readline()
+            captured.append(line)
+            if '"control_serve_listening"' in line:
+                ready = json.loads(line)
+                break
+        assert ready, "".join(captured)
+        drain.start()
+        url = f"http://{ready['listen']}/v1/credentials"
+        host = "cli-two.tencentcloudcr.com"
+        auth = {"Authorization": "Bearer node-secret-for-cli-test"}
+
+        def credentials() -> httpx.Response:
+            return httpx.get(url, params={"registry": host}, headers=auth)
+
+        for _ in range(100):
+            if credentials().status_code == 200:
+                break
+            time.sleep(0.05)
+        with open(small_filesystem / "filler", "wb", buffering=0) as filler:
+            for _ in range(1000):
+                try:
+                    filler.write(b"\0" * 65536)
+                except OSError:
+                    break
+
+        for _ in range(300):
+            if any('"token_renewal_failed"' in line for line in captured):
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(captured)
+        assert any('"token_renewal_failed"' in line for line in captured)
+        assert credentials().status_code == 200
+    finally:
+        stop_process(proc, drain=drain)
+    assert "Traceback" not in "".join(captured)
 
 
 def test_no_secret_anywhere(cli: Cli) -> None:

@@ -188,6 +188,19 @@ async def test_verification_failures(
     assert _code(await _send(_request(endpoint[1], **changes))) == code
 
 
+@pytest.mark.parametrize("timestamp", [b"\xb2", b"\xb9\xb3", b"9" * 5000])
+async def test_timestamp_that_int_refuses_is_invalid_parameter(
+    endpoint: tuple[Simulator, str], timestamp: bytes
+) -> None:
+    url, headers, body = _request(endpoint[1])
+    raw: dict[str, str | bytes] = {**headers, "x-tc-timestamp": timestamp}
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(url, headers=raw, content=body)
+
+    assert answer.status_code == 200
+    assert _code(answer.json()["Response"]) == "InvalidParameter"
+
+
 async def test_wrong_scope_date_fails(endpoint: tuple[Simulator, str]) -> None:
     url, headers, body = _request(endpoint[1])
     today = _signing.credential_date(int(headers["x-tc-timestamp"]))

@@ -19,6 +19,7 @@ Secrets are removed from both by key name before anything is written.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -221,14 +222,32 @@ class AuditLog:
         """
         fd = self._require_fd()
         with self._thread_lock, self._locked():
+            # Another writer of this file may have died mid-line since we
+            # opened it; chaining onto its fragment would glue the two.
+            self._cut_torn_tail()
             last = self._last_line()
             seq, prev_hash = _next_link(last)
             record = {**event, "seq": seq, "prevHash": prev_hash}
             record.pop("hash", None)
             line = _seal(record)
-            os.write(fd, line)
-            os.fsync(fd)
+            self._write_whole(fd, line)
         return json.loads(line)  # type: ignore[no-any-return]
+
+    def _write_whole(self, fd: int, line: bytes) -> None:
+        # A full disk makes write() return short instead of failing; an
+        # event half on disk must fail the append, not pass for written.
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                count = os.write(fd, line[written:])
+                if count == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += count
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
 
     def close(self) -> None:
         """Close the file; later appends raise ValueError."""

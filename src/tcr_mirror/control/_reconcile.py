@@ -285,12 +285,25 @@ def _write_secret(change: Change, answer: TcrResponse) -> None:
         "expires_at_ms": answer.data.get("ExpTime"),
     }
     tmp = f"{change.secret_file}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        json.dump(secret, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, change.secret_file)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # open() applies the mode to a new file only, not to a stale one.
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(secret, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, change.secret_file)
+    except OSError as exc:
+        # The token exists in TCR now and cannot be shown again: the report
+        # must name it so that it can be deleted, and stop the run here.
+        raise TcrError(
+            "ClientError.SecretFileError",
+            f"token {answer.data.get('TokenId')} created but not saved: "
+            f"cannot write {change.secret_file}: {exc.strerror}",
+            request_id=answer.request_id,
+            action="CreateInstanceToken",
+        ) from None
 
 
 def rules_from_audit(

@@ -245,14 +245,18 @@ class TokenKeeper:
             await trio.sleep(schedule.delay(trio.current_time()))
             try:
                 credential = await self._issue(host)
-            except TcrError as exc:
+            except (TcrError, OSError) as exc:
+                # OSError: the audit log could not take the event (a full
+                # disk). A token nobody recorded is not handed out, and the
+                # current one keeps serving while we retry.
                 retry_in = schedule.failed(trio.current_time()) - trio.current_time()
                 _log(
                     logging.WARNING,
                     "token_renewal_failed",
                     registry=host,
-                    code=exc.code,
-                    request_id=exc.request_id,
+                    code=exc.code if isinstance(exc, TcrError) else "OSError",
+                    message=None if isinstance(exc, TcrError) else exc.strerror,
+                    request_id=getattr(exc, "request_id", None),
                     failures=schedule.failures,
                     retry_in=round(retry_in, 3),
                 )
@@ -479,6 +483,11 @@ async def run(
 async def _start(
     nursery: trio.Nursery, server: CredentialsServer, where: tuple[str, int]
 ) -> str:
-    listeners = await nursery.start(server.serve, where[0], where[1])
+    try:
+        listeners = await nursery.start(server.serve, where[0], where[1])
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}"
+        ) from None
     host, port = listeners[0].socket.getsockname()[:2]
     return f"{host}:{port}"

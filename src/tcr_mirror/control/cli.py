@@ -330,6 +330,9 @@ def _write_secret(path: str, secret: Mapping[str, Any]) -> None:
         return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The mode of open() only applies to a new file; one left from an
+        # earlier run may be readable by others.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as file:
             json.dump(secret, file)
             file.write("\n")
@@ -458,22 +461,40 @@ def _serve(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    lambda: run_serve(
-                        keeper,
-                        secret,
-                        listen,
-                        metrics_listen=metrics_listen,
-                        on_ready=ready,
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        lambda: run_serve(
+                            keeper,
+                            secret,
+                            listen,
+                            metrics_listen=metrics_listen,
+                            on_ready=ready,
+                        )
                     )
-                )
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        break
+            except BaseExceptionGroup as group:
+                # The nurseries wrap a port already taken in exception
+                # groups; it is a one-line error like any other.
+                error = _only_os_error(group)
+                if error is None:
+                    raise
+                raise CliError(error.strerror or str(error)) from None
         return 0
 
     return _runner(serve)(args)
+
+
+def _only_os_error(group: BaseExceptionGroup[BaseException]) -> OSError | None:
+    matched, rest = group.split(OSError)
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, OSError) else None
 
 
 def _schedule(fraction: float) -> Any:

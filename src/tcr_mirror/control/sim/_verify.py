@@ -169,7 +169,9 @@ def _required(headers: Mapping[str, str], name: str, display: str) -> str:
 
 def _timestamp(headers: Mapping[str, str], now: float) -> int:
     raw = _required(headers, "x-tc-timestamp", "X-TC-Timestamp")
-    if not raw.isdigit():
+    # isdigit() alone passes "²" (a latin-1 header byte) and int() refuses
+    # both that and a value of thousands of digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
         raise SimError("InvalidParameter", "Parameter `X-TC-Timestamp` type error.")
     timestamp = int(raw)
     if abs(now - timestamp) > MAX_SKEW:
