@@ -65,8 +65,7 @@ _SENDERS = trio.CapacityLimiter(4 * max(2, os.cpu_count() or 2))
 
 
 # Errors of sendfile that come from reading the file, not from the socket.
-# TODO: only a file cut short is tested for real; a read that fails with
-# EIO needs device-mapper or fail_make_request, which CI's kernel lacks.
+# EIO from a bad sector: tests/test_proxy_store_eio.py (a FUSE filesystem).
 _FILE_ERRNOS = frozenset({errno.EIO, errno.EUCLEAN, errno.EBADMSG})
 _watchers: dict[int, Callable[[str], None]] = {}
 

@@ -1,0 +1,135 @@
+"""A stored blob whose file cannot be read: a bad sector under ``sendfile``.
+
+A real ``tcr-mirror node`` keeps its data directory on a FUSE filesystem
+(:mod:`support.faultyfs`) whose reads of one blob file fail with ``EIO``
+from 4 MiB on, once the test says so; its LMDB index stays on the normal
+disk. What must hold: the client of the unreadable blob gets a body cut
+short, never the declared length of wrong bytes; the node drops the blob
+and stays up; the next client gets the whole blob, fetched again from the
+upstream (a real docker-registry behind a :class:`FaultProxy` that counts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support.faultproxy import FaultProxy
+from support.faultyfs import FaultyFs, unavailable_reason
+from support.images import PushedImage, push_image
+from support.layers import digest_of
+from support.node import NodeFactory, NodeProcess
+from support.pull import Pulled, pull
+from support.registry import Registry
+
+REPO = "storeeio/app"
+MIB = 1 << 20
+BAD_SECTOR = 4 * MIB
+# Outcomes are asserted, never times: these only bound the waits.
+WAIT = 30.0
+CLIENT_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def image(module_registry: Registry) -> PushedImage:
+    """One layer of 8 MiB: more than the socket buffers hold."""
+    return push_image(module_registry, REPO, "v1", layer_sizes=[8 * MIB])
+
+
+@pytest.fixture
+def proxy(module_registry: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(module_registry.url) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def faulty_fs(tmp_path: Path) -> Iterator[FaultyFs]:
+    """The data directory's filesystem; ``index/`` links out of it, to disk."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"a FUSE filesystem cannot be mounted: {reason}")
+    backing, mountpoint = tmp_path / "backing", tmp_path / "data"
+    backing.mkdir()
+    mountpoint.mkdir()
+    (tmp_path / "index").mkdir()
+    (backing / "index").symlink_to(tmp_path / "index")
+    with FaultyFs(backing, mountpoint, tmp_path / "faults") as fs:
+        yield fs
+
+
+@pytest.fixture
+def node(
+    faulty_fs: FaultyFs, node_factory: NodeFactory, proxy: FaultProxy
+) -> NodeProcess:
+    # The filesystem first, so that it is unmounted after the node is killed.
+    return node_factory("--upstream", proxy.url, data_dir=faulty_fs.mountpoint)
+
+
+def pull_blob(node: NodeProcess, digest: str) -> Pulled:
+    return pull(f"{node.url}{blob_path(digest)}", timeout=CLIENT_TIMEOUT)
+
+
+def blob_path(digest: str) -> str:
+    return f"/v2/{REPO}/blobs/{digest}"
+
+
+def blob_file(node: NodeProcess, digest: str) -> Path:
+    hex_ = digest.split(":", 1)[1]
+    return node.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+def assert_got(pulled: Pulled, digest: str) -> None:
+    assert pulled.status == 200, pulled.body[:300]
+    assert pulled.complete
+    assert digest_of(pulled.body) == digest
+
+
+def events(node: NodeProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in node.events() if e.get("event") == name]
+
+
+def wait_until(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
+    node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
+) -> None:
+    digest, data = image.layers[0]
+    assert_got(pull_blob(node, digest), digest)
+    asked = proxy.count("GET", blob_path(digest))
+    faulty_fs.fail_reads(blob_file(node, digest).name, BAD_SECTOR)
+
+    cut = pull_blob(node, digest)
+
+    assert cut.status == 200
+    assert int(cut.headers["content-length"]) == len(data)
+    assert not cut.complete
+    assert len(cut.body) <= BAD_SECTOR
+    assert data.startswith(cut.body)
+    # Dropped by the failed send itself, for the reason the disk gave.
+    wait_until(lambda: events(node, "blob_dropped"), "the blob to be dropped")
+    (dropped,) = events(node, "blob_dropped")
+    assert dropped["digest"] == digest
+    assert "Input/output error" in dropped["reason"], dropped
+    assert not blob_file(node, digest).exists()
+    assert "Traceback" not in node.log_text()
+    health = httpx.get(f"{node.url}/healthz", timeout=CLIENT_TIMEOUT)
+    assert health.status_code == 200
+    assert proxy.count("GET", blob_path(digest)) == asked
+
+    # The fetch again writes a new file, which the sector no longer spoils.
+    faulty_fs.heal()
+    assert_got(pull_blob(node, digest), digest)
+    assert proxy.count("GET", blob_path(digest)) == asked + 1
+    assert blob_file(node, digest).stat().st_size == len(data)
+    assert_got(pull_blob(node, digest), digest)
+    assert proxy.count("GET", blob_path(digest)) == asked + 1
