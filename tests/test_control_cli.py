@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
-from support.control_sim import SECRET_KEY, sim_env, sim_process
+from support.control_sim import SECRET_KEY, sim_env, sim_in_process, sim_process
 from support.processes import stop_process
 
 ERROR_LINE = re.compile(
@@ -176,6 +177,97 @@ def test_tcr_error_is_one_line_and_nonzero(cli: Cli) -> None:
     assert "ResourceNotFound" in run.err
 
 
+async def run_cli(endpoint: str, workdir: Path, *args: str) -> Run:
+    """``tcr-mirror control`` against a simulator served by this trio run."""
+    command = [sys.executable, "-m", "tcr_mirror", "control", "--endpoint", endpoint]
+    command += ["--audit-log", str(workdir / "audit.jsonl"), *args]
+    done = await trio.run_process(
+        command, env=sim_env(), cwd=workdir, capture_stdout=True,
+        capture_stderr=True, check=False,
+    )  # fmt: skip
+    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+async def test_token_create_with_a_lost_answer_says_the_outcome_is_unknown(
+    tmp_path: Path,
+) -> None:
+    async with sim_in_process() as sim:
+        rid = sim.simulator.add_instance("lost-answer")
+        sim.simulator.state.lose_answer("CreateInstanceToken", times=4)
+
+        run = await run_cli(
+            sim.endpoint, tmp_path, "tokens", "create", rid, "--type", "longterm",
+            "--token-file", str(tmp_path / "token.json"),
+        )  # fmt: skip
+
+        tokens = [t for t in sim.simulator.state.tokens.values() if t.token_id]
+    assert run.code == 1
+    assert run.out == ""
+    assert "Traceback" not in run.err
+    assert len(run.err.splitlines()) == 1, run.err
+    assert run.err.startswith("tcr-mirror: error: ClientError.NetworkError: ")
+    assert "CreateInstanceToken may or may not have taken effect" in run.err
+    assert len(tokens) == 1
+
+
+async def test_list_commands_read_every_page(tmp_path: Path) -> None:
+    from tcr_mirror.control.sim._enterprise import create_instance_token
+
+    async with sim_in_process(instance_quota=200) as sim:
+        state = sim.simulator.state
+        ids = {sim.simulator.add_instance(f"page-{n:03d}") for n in range(130)}
+        rid = min(ids)
+        for n in range(250):
+            params = {"RegistryId": rid, "TokenType": "longterm", "Desc": f"t{n}"}
+            create_instance_token(state, params)
+
+        instances = await run_cli(sim.endpoint, tmp_path, "instances", "list")
+        tokens = await run_cli(
+            sim.endpoint, tmp_path, "--output", "json", "tokens", "list", rid
+        )
+
+    assert instances.code == 0, instances.err
+    assert {line.split()[0] for line in instances.out.splitlines()[1:]} == ids
+    assert tokens.code == 0, tokens.err
+    body = json.loads(tokens.out)
+    assert body["TotalCount"] == 250
+    assert sorted(t["Desc"] for t in body["Tokens"]) == sorted(
+        f"t{n}" for n in range(250)
+    )
+
+
+async def test_token_with_unreadable_exp_time_is_saved_and_one_line(
+    tmp_path: Path,
+) -> None:
+    from tcr_mirror.control.sim import serve_http
+
+    answer = {
+        "Username": "100012345678", "Token": "a.b.c", "TokenId": "t1",
+        "ExpTime": "soon", "RequestId": "4b3cf1cc-7d6b-4f1f-9d5d-1bd0c8f3e0a1",
+    }  # fmt: skip
+
+    async def tcr(*request: object) -> tuple[int, list[tuple[str, str]], bytes]:
+        return 200, [], json.dumps({"Response": answer}).encode()
+
+    token_file = tmp_path / "token.json"
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_http, tcr, "127.0.0.1", 0)
+        endpoint = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        run = await run_cli(
+            endpoint, tmp_path, "tokens", "create", "tcr-abcdefgh",
+            "--type", "longterm", "--token-file", str(token_file),
+        )  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+    assert run.code == 2
+    assert run.err.splitlines() == [
+        f"tcr-mirror: error: token created and written to {token_file}, "
+        "but its ExpTime is not a time: 'soon'"
+    ]
+    saved = json.loads(token_file.read_text())
+    assert (saved["password"], saved["expires_at"]) == ("a.b.c", None)
+
+
 def test_wrong_key_is_tcr_signature_failure(cli: Cli) -> None:
     env = sim_env()
     env["TENCENTCLOUD_SECRET_KEY"] = "not-the-key"
@@ -296,6 +388,41 @@ def test_audit_query_and_verify(cli: Cli) -> None:
     ok = cli("audit", "verify")
     assert ok.code == 0, ok.err
     assert "chain intact" in ok.out
+
+
+def test_audit_event_with_unreadable_time_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    log = tmp_path / "odd-time.jsonl"
+    events = [
+        {"seq": 0, "eventName": "DescribeInstances", "eventTime": 1735877397},
+        {"seq": 1, "eventName": "CreateInstanceToken", "eventTime": "soon"},
+    ]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    since = cli("audit", "--log", str(log), "--since", "0")
+    listed = cli("audit", "--log", str(log))
+
+    assert since.code == 2
+    assert since.err.splitlines() == [
+        f"tcr-mirror: error: audit log {log}: event seq 1 has an eventTime "
+        "that is not unix seconds: 'soon'"
+    ]
+    assert listed.code == 0, listed.err
+    assert "'soon'" in listed.out.splitlines()[1]
+
+
+def test_node_secret_file_not_utf8_is_one_line(cli: Cli) -> None:
+    secret_file = cli.workdir / "binary-secret"
+    secret_file.write_bytes(b"\xff\xfe\x00secret")
+
+    run = cli(
+        "serve", "--listen", "127.0.0.1:0", "--registry", cli.instances["cli-two"],
+        "--node-secret-file", str(secret_file),
+    )  # fmt: skip
+
+    assert run.code == 2
+    assert run.err.splitlines() == [
+        f"tcr-mirror: error: --node-secret-file {secret_file} is not UTF-8 text"
+    ]
 
 
 def test_audit_verify_names_the_tampered_line(cli: Cli, tmp_path: Path) -> None:
@@ -470,6 +597,28 @@ def test_serve_keeps_serving_when_the_audit_disk_fills(
     finally:
         stop_process(proc, drain=drain)
     assert "Traceback" not in "".join(captured)
+
+
+def test_full_audit_disk_fails_a_command_in_one_line(
+    cli: Cli, small_filesystem: Path
+) -> None:
+    audit_log = small_filesystem / "audit.jsonl"
+    audit_log.touch()
+    with open(small_filesystem / "filler", "wb", buffering=0) as filler:
+        for _ in range(1000):
+            try:
+                filler.write(b"\0" * 65536)
+            except OSError:
+                break
+
+    run = cli("--audit-log", str(audit_log), "instances", "list")
+
+    assert run.code == 1
+    assert "Traceback" not in run.err
+    assert run.err.splitlines() == [
+        "tcr-mirror: error: DescribeInstances was sent to TCR but cannot be "
+        f"recorded: cannot write audit log {audit_log}: No space left on device"
+    ]
 
 
 def test_no_secret_anywhere(cli: Cli) -> None:

@@ -702,11 +702,99 @@ async def test_network_error_is_retried_then_raised(
     assert info.value.code == "ClientError.NetworkError"
 
 
+def _longterm_tokens(simulator: Simulator) -> int:
+    return sum(1 for token in simulator.state.tokens.values() if token.token_id)
+
+
+@pytest.mark.parametrize("hold", [None, 1000.0], ids=["dropped", "timed-out"])
+async def test_write_whose_answer_is_lost_is_not_repeated(
+    sim: Sim, autojump_clock: trio.abc.Clock, hold: float | None
+) -> None:
+    simulator, endpoint = sim
+    records: list[CallRecord] = []
+    async with TcrClient(
+        CREDENTIALS,
+        region="ap-guangzhou",
+        endpoint=endpoint,
+        timeout=5,
+        on_call=records.append,
+    ) as tcr:
+        registry_id = await _instance(tcr)
+        simulator.state.lose_answer("CreateInstanceToken", hold=hold, times=3)
+        with pytest.raises(TcrTransportError) as info:
+            await tcr.call(
+                "CreateInstanceToken",
+                {"RegistryId": registry_id, "TokenType": "longterm", "Desc": "ci"},
+            )
+    assert info.value.outcome_unknown
+    assert "CreateInstanceToken may or may not have taken effect" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert records[-1].attempts == 1
+    assert _longterm_tokens(simulator) == 1
+
+
+async def test_read_whose_answer_is_lost_is_repeated(sim: Sim) -> None:
+    simulator, endpoint = sim
+    simulator.state.lose_answer("DescribeInstances")
+    records: list[CallRecord] = []
+    async with TcrClient(
+        CREDENTIALS, region="ap-guangzhou", endpoint=endpoint, on_call=records.append
+    ) as tcr:
+        assert (await tcr.call("DescribeInstances")).data["TotalCount"] == 0
+    assert records[-1].attempts == 2
+
+
+async def test_write_is_repeated_when_throttled_but_not_after_internal_error(
+    sim: Sim, autojump_clock: trio.abc.Clock
+) -> None:
+    simulator, endpoint = sim
+    async with TcrClient(CREDENTIALS, region="ap-guangzhou", endpoint=endpoint) as tcr:
+        registry_id = await _instance(tcr)
+        params = {"RegistryId": registry_id, "TokenType": "longterm"}
+        simulator.state.inject("CreateInstanceToken", "RequestLimitExceeded", times=2)
+        await tcr.call("CreateInstanceToken", params)
+        simulator.state.inject("CreateInstanceToken", "InternalError", times=1)
+        await _expect(tcr, "CreateInstanceToken", params, "InternalError")
+    assert _longterm_tokens(simulator) == 1
+
+
+async def test_write_is_repeated_when_the_connection_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    records: list[CallRecord] = []
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: refused
+        async with TcrClient(
+            CREDENTIALS,
+            region="ap-guangzhou",
+            endpoint=f"http://127.0.0.1:{port}",
+            max_attempts=3,
+            on_call=records.append,
+        ) as tcr:
+            with pytest.raises(TcrTransportError) as info:
+                await tcr.call("CreateInstanceToken", {"RegistryId": MISSING})
+    assert not info.value.outcome_unknown
+    assert records[-1].attempts == 3
+
+
 @pytest.mark.parametrize(
     ("status", "body", "code", "attempts"),
     [
         (200, b"<html>not json</html>", "ClientError.BadResponse", 1),
         (200, b'{"Response": {"TotalCount": 1}}', "ClientError.BadResponse", 1),
+        (
+            200,
+            b'{"Response": {"Error": "x", "RequestId": "r"}}',
+            "ClientError.BadResponse",
+            1,
+        ),
+        (
+            200,
+            b'{"Response": {"Error": [], "RequestId": "r"}}',
+            "ClientError.BadResponse",
+            1,
+        ),
         (404, b"", "ClientError.BadResponse", 1),
         (502, b"bad gateway", "ClientError.BadResponse", 3),
     ],

@@ -64,6 +64,15 @@ def test_schedule_retries_soon_when_token_arrives_expired() -> None:
     assert schedule.issued(50.0, -5.0) == 53.0
 
 
+def test_schedule_backs_off_when_tokens_keep_arriving_expired() -> None:
+    schedule = RenewalSchedule(backoff_base=1.0, backoff_cap=8.0)
+
+    delays = [schedule.issued(0.0, -5.0) for _ in range(5)]
+
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert schedule.expires_at is None
+
+
 def test_schedule_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="between 0 and 1"):
         RenewalSchedule(renew_fraction=1.5)
@@ -132,6 +141,23 @@ async def test_keeper_keeps_old_token_while_renewal_fails(
     assert 8 <= len(issuer.calls) - 1 <= 15
     text = metrics.render().decode()
     assert "tcr_mirror_control_token_expiry_timestamp_seconds" in text
+
+
+async def test_keeper_backs_off_when_tcr_answers_expired_tokens(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    issuer = ScriptedIssuer(lifetime=-30.0)  # the host clock runs ahead of TCR
+    keeper = TokenKeeper([HOST], issuer)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(600)
+        nursery.cancel_scope.cancel()
+
+    assert keeper.get(HOST) is None
+    # Backoff capped at 60 s: about fifteen tries, not one a second.
+    assert len(issuer.calls) <= 20
+    assert keeper.schedules[HOST].failures == len(issuer.calls)
 
 
 # --- HTTP endpoint (in process, real sockets) ----------------------------
@@ -235,6 +261,47 @@ async def test_metrics_on_their_own_port() -> None:
             )
             assert cred.status_code == 404
         nursery.cancel_scope.cancel()
+
+
+async def test_expired_token_is_503_not_200() -> None:
+    # One token with a moment to live, then every renewal fails.
+    issuer = ScriptedIssuer(fail=set(range(1, 1000)), lifetime=0.5)
+    keeper = TokenKeeper([HOST], issuer)
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    statuses: list[int] = []
+    async with trio.open_nursery() as nursery:
+        base = await start_server(nursery, keeper)
+        async with httpx.AsyncClient(base_url=base) as http:
+            answer = None
+            for _ in range(400):
+                answer = await http.get(
+                    f"/v1/credentials?registry={HOST}", headers=auth
+                )
+                statuses.append(answer.status_code)
+                if keeper.get(HOST) is not None and answer.status_code != 200:
+                    break
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert answer is not None
+    assert 200 in statuses
+    assert answer.status_code == 503, answer.text
+    body = answer.json()
+    assert body["error"] == "token expired"
+    assert body["expires_at"] < time.time()
+    assert "token-0" not in answer.text
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "Bearer  "])
+def test_bearer_scheme_is_case_insensitive(scheme: str) -> None:
+    keeper = TokenKeeper([HOST], ScriptedIssuer())
+    server = CredentialsServer(keeper, SECRET)
+    target = f"/v1/credentials?registry={HOST}"
+
+    status, _, _ = server.respond("GET", target, f"{scheme} {SECRET}".encode())
+
+    assert status == 503  # past the secret check: no token yet
+    for wrong in (f"Basic {SECRET}", SECRET, f"Bearer{SECRET}", f"Bearer {SECRET}x"):
+        assert server.respond("GET", target, wrong.encode())[0] == 401
 
 
 def test_respond_is_sans_io() -> None:

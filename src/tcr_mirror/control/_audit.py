@@ -23,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -470,6 +471,18 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def event_time(event: Mapping[str, Any]) -> float | None:
+    """The ``eventTime`` of ``event`` in unix seconds; None if unreadable."""
+    value = event.get("eventTime")
+    if isinstance(value, bool):
+        return None
+    try:
+        when = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return when if math.isfinite(when) else None
+
+
 def query(
     path: str | os.PathLike[str],
     *,
@@ -485,18 +498,31 @@ def query(
 
     Raises:
         OSError: the file cannot be read.
+        ValueError: a time range was given and an event's ``eventTime`` is
+            not unix seconds, so it cannot be placed in the range.
     """
     names = set(events) if events is not None else None
     selected = []
     for event in read_events(path):
-        when = event.get("eventTime", 0)
         if names is not None and event.get("eventName") not in names:
             continue
-        if since is not None and when < since:
-            continue
-        if until is not None and when > until:
+        if not _in_range(event, since, until):
             continue
         if errors_only and event.get("errorCode") in (0, "0", "", None):
             continue
         selected.append(event)
     return selected
+
+
+def _in_range(
+    event: Mapping[str, Any], since: float | None, until: float | None
+) -> bool:
+    if since is None and until is None:
+        return True
+    when = event_time(event)
+    if when is None:
+        raise ValueError(
+            f"event seq {event.get('seq')!r} has an eventTime that is not "
+            f"unix seconds: {event.get('eventTime')!r}"
+        )
+    return (since is None or when >= since) and (until is None or when <= until)

@@ -5,11 +5,17 @@ POST to ``/``, signed with TC3-HMAC-SHA256 (:mod:`._signing`), and the
 envelope that comes back becomes a :class:`TcrResponse` or a
 :class:`TcrError`.
 
-Retries: TCR throttles per action (``RequestLimitExceeded*``) and the Go SDK
-retries exactly that; we also retry ``InternalError*``,
+Retries: TCR throttles per action (``RequestLimitExceeded*``) before it
+runs the action, and the Go SDK retries exactly that. A read (``Describe*``
+and the like) is also retried after ``InternalError*``,
 ``ServiceUnavailable*``, network failures, timeouts and HTTP 5xx from a
-front end, with exponential backoff and full jitter (a uniform sleep between
-0 and ``min(cap, base * 2**n)``) so that many nodes throttled together do not
+front end. A write is not: after a timeout or a lost answer TCR may have
+applied it, and a second try would make a second long-term token or
+policy. A write is retried only when it surely did not take effect:
+throttled, or the connection could not be opened. Otherwise its error says
+that the outcome is unknown (:attr:`TcrTransportError.outcome_unknown`).
+Backoff is exponential with full jitter (a uniform sleep between 0 and
+``min(cap, base * 2**n)``) so that many nodes throttled together do not
 come back together. Every attempt is signed afresh: the timestamp must stay
 within five minutes of server time. Other codes are final.
 
@@ -37,13 +43,16 @@ from . import _signing
 from ._credentials import CloudCredentials
 from ._errors import BAD_RESPONSE, NETWORK_ERROR, TIMEOUT, TcrError, TcrTransportError
 
-__all__ = ["CallRecord", "TcrClient", "TcrResponse"]
+__all__ = ["CallRecord", "TcrClient", "TcrResponse", "is_read"]
 
 logger = logging.getLogger(__name__)
 
 _SERVICE = "tcr"
-_RETRYABLE_PREFIXES = ("RequestLimitExceeded", "InternalError", "ServiceUnavailable")
+_THROTTLED_PREFIX = "RequestLimitExceeded"
+_TRANSIENT_PREFIXES = (_THROTTLED_PREFIX, "InternalError", "ServiceUnavailable")
 _RETRYABLE_TRANSPORT = frozenset({NETWORK_ERROR, TIMEOUT})
+# Actions that change nothing in TCR, so that running one twice is harmless.
+_READ_PREFIXES = ("Describe", "Validate", "Get", "List", "Check")
 
 
 @dataclass(frozen=True)
@@ -95,12 +104,39 @@ class CallRecord:
         )
 
 
-def _is_retryable(error: TcrError) -> bool:
+def is_read(action: str) -> bool:
+    """Whether ``action`` only reads, so that repeating it is harmless."""
+    return action.startswith(_READ_PREFIXES)
+
+
+def _is_retryable(action: str, error: TcrError) -> bool:
+    if not is_read(action):
+        # TCR throttles before it runs the action (TCR-API.md §1.6 step 8).
+        return error.code.startswith(_THROTTLED_PREFIX) or (
+            isinstance(error, TcrTransportError) and not error.sent
+        )
     if isinstance(error, TcrTransportError):
         # A 5xx comes from a gateway in front of TCR, which answers 200 itself.
         status = error.http_status or 0
         return error.code in _RETRYABLE_TRANSPORT or status >= 500
-    return error.code.startswith(_RETRYABLE_PREFIXES)
+    return error.code.startswith(_TRANSIENT_PREFIXES)
+
+
+def _unknown_outcome(action: str, error: TcrError) -> TcrError:
+    """The final error of a write that may have taken effect in TCR."""
+    if not isinstance(error, TcrTransportError) or not error.sent:
+        return error
+    if error.http_status is not None and error.http_status < 500:
+        return error
+    return TcrTransportError(
+        error.code,
+        f"{error.message}; {action} may or may not have taken effect: "
+        "check TCR before trying again",
+        request_id=error.request_id,
+        action=action,
+        http_status=error.http_status,
+        outcome_unknown=True,
+    )
 
 
 def parse_envelope(action: str, status: int, body: bytes) -> TcrResponse:
@@ -124,6 +160,12 @@ def parse_envelope(action: str, status: int, body: bytes) -> TcrResponse:
             BAD_RESPONSE, "answer is not a TCR response envelope", action=action
         ) from None
     error = response.get("Error")
+    if error is not None and not isinstance(error, dict):
+        # SDKs treat any ``Error`` key as a failure; one we cannot read is
+        # no success either.
+        raise TcrTransportError(
+            BAD_RESPONSE, "answer has an Error that is not an object", action=action
+        )
     if isinstance(error, dict):
         raise TcrError(
             str(error.get("Code", "")),
@@ -214,6 +256,9 @@ class TcrClient:
     ) -> TcrResponse:
         """Call one TCR action, retrying throttling and transient failures.
 
+        A write (any action but a read, see :func:`is_read`) is retried only
+        when it surely did not take effect.
+
         Args:
             action: The action name, e.g. ``"CreateInstanceToken"``.
             params: The action's parameters (JSON-serialisable).
@@ -223,7 +268,8 @@ class TcrClient:
 
         Raises:
             TcrError: TCR answered with an error, or the last retry did.
-            TcrTransportError: No usable answer after the last attempt.
+            TcrTransportError: No usable answer after the last attempt;
+                ``outcome_unknown`` is set when a write may have taken effect.
         """
         params = dict(params or {})
         body = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
@@ -239,9 +285,11 @@ class TcrClient:
                 break
             except TcrError as exc:
                 error = exc
-                if not _is_retryable(exc) or attempt == self.max_attempts:
+                if not _is_retryable(action, exc) or attempt == self.max_attempts:
                     break
                 await self._backoff(action, attempt, exc)
+        if error is not None and not is_read(action):
+            error = _unknown_outcome(action, error)
         duration = trio.current_time() - start
         await self._record(
             action, params, response, error, started_at, duration, attempt
@@ -258,6 +306,11 @@ class TcrClient:
                 reply = await self._http.post(
                     self.endpoint, content=body, headers=headers
                 )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # No connection, so nothing of the request reached TCR.
+            raise TcrTransportError(
+                NETWORK_ERROR, f"{type(exc).__name__}: {exc}", action=action, sent=False
+            ) from None
         except (trio.TooSlowError, httpx.TimeoutException):
             raise TcrTransportError(
                 TIMEOUT, f"no answer within {self.timeout} s", action=action

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._client import TcrResponse
+from ._client import TcrClient, TcrResponse
 from ._desired import REGION_IDS
 
-__all__ = ["CALLS", "Arg", "CallCommand", "arg", "blank", "table"]
+__all__ = ["CALLS", "Arg", "CallCommand", "Paging", "arg", "blank", "call", "table"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,48 @@ def arg(*names: str, **options: Any) -> Arg:
 
 
 @dataclass(frozen=True)
+class Paging:
+    """Where a list action's answer keeps its items and their total count.
+
+    ``inside`` names the object holding both (``Data`` for Personal
+    actions), None when they sit in the answer itself.
+    """
+
+    items: str
+    total: str
+    inside: str | None = None
+
+    def split(self, answer: TcrResponse) -> tuple[list[Any], int | None]:
+        """The page's items and the total count (None if unreadable)."""
+        holder = answer.data.get(self.inside) if self.inside else answer.data
+        if not isinstance(holder, dict):
+            return [], None
+        items = holder.get(self.items)
+        total = holder.get(self.total)
+        return (
+            list(items) if isinstance(items, list) else [],
+            total if isinstance(total, int) else None,
+        )
+
+    def merged(self, first: TcrResponse, items: list[Any]) -> TcrResponse:
+        """``first`` with the items of every page."""
+        data = dict(first.data)
+        if self.inside:
+            holder = data.get(self.inside)
+            holder = holder if isinstance(holder, dict) else {}
+            data[self.inside] = {**holder, self.items: items}
+        else:
+            data[self.items] = items
+        return TcrResponse(first.action, first.request_id, data)
+
+
+@dataclass(frozen=True)
 class CallCommand:
-    """A subcommand that is exactly one TCR action."""
+    """A subcommand that is exactly one TCR action (one page at a time).
+
+    A command with ``paging`` sends ``Limit`` and ``Offset`` and reads on
+    until it has ``TotalCount`` items, so a list is never cut at one page.
+    """
 
     name: str
     help: str
@@ -42,6 +82,49 @@ class CallCommand:
     args: tuple[Arg, ...]
     params: Callable[[argparse.Namespace], dict[str, Any]]
     text: Callable[[TcrResponse], str] | None = None
+    paging: Paging | None = None
+
+
+PAGE_SIZE = 100  # the largest Limit TCR's list actions accept
+_MAX_PAGES = 1000
+
+
+async def call(
+    client: TcrClient, command: CallCommand, params: dict[str, Any]
+) -> TcrResponse:
+    """Call ``command``'s action; a list action page by page.
+
+    Returns:
+        The answer; for a list, the first page's with every page's items.
+
+    Raises:
+        TcrError: a call failed.
+    """
+    paging = command.paging
+    if paging is None:
+        return await client.call(command.action, params)
+    first: TcrResponse | None = None
+    items: list[Any] = []
+    for _ in range(_MAX_PAGES):
+        page_params = {**params, "Limit": PAGE_SIZE, "Offset": len(items)}
+        answer = await client.call(command.action, page_params)
+        first = first or answer
+        page, total = paging.split(answer)
+        items += page
+        if _last_page(page, total, len(items)):
+            break
+    assert first is not None
+    return paging.merged(first, items)
+
+
+def _last_page(page: list[Any], total: int | None, seen: int) -> bool:
+    # The total decides, since a server may cap a page below Limit; without
+    # one, a short page is the last.
+    if not page:
+        return True
+    if total is not None:
+        return seen >= total
+    return len(page) < PAGE_SIZE
 
 
 REGISTRY = arg("registry_id", metavar="REGISTRY_ID", help="instance id (tcr-...)")
@@ -124,11 +207,12 @@ _INSTANCES = (
         "list instances",
         "DescribeInstances",
         (arg("--all-regions", action="store_true"),),
-        lambda a: {"AllRegion": a.all_regions, "Limit": 100},
+        lambda a: {"AllRegion": a.all_regions},
         _rows(
             "Registries",
             ["RegistryId", "RegistryName", "Status", "RegionName", "PublicDomain"],
         ),
+        Paging("Registries", "TotalCount"),
     ),
     CallCommand(
         "status",
@@ -146,8 +230,9 @@ _TOKENS = (
         "list long-term tokens",
         "DescribeInstanceToken",
         (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Limit": 100},
+        lambda a: {"RegistryId": a.registry_id},
         _rows("Tokens", ["Id", "Desc", "Enabled", "CreatedAt", "ExpiredAt"]),
+        Paging("Tokens", "TotalCount"),
     ),
     CallCommand(
         "enable",
@@ -301,11 +386,12 @@ _REPLICATION = (
         "list replica instances",
         "DescribeReplicationInstances",
         (REGISTRY,),
-        lambda a: {"RegistryId": a.registry_id, "Limit": 100},
+        lambda a: {"RegistryId": a.registry_id},
         _rows(
             "ReplicationRegistries",
             ["ReplicationRegistryId", "ReplicationRegionName", "Status", "CreatedAt"],
         ),
+        Paging("ReplicationRegistries", "TotalCount"),
     ),
     CallCommand(
         "status",
@@ -371,11 +457,12 @@ _NAMESPACES = (
         "list Personal namespaces",
         "DescribeNamespacePersonal",
         (arg("--match", default="", help="substring of the name"),),
-        lambda a: {"Namespace": a.match, "Limit": 100, "Offset": 0},
+        lambda a: {"Namespace": a.match},
         lambda r: table(
             list((r.data.get("Data") or {}).get("NamespaceInfo") or []),
             ["Namespace", "RepoCount", "CreationTime"],
         ),
+        Paging("NamespaceInfo", "NamespaceCount", inside="Data"),
     ),
 )
 

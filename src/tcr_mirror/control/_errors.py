@@ -49,6 +49,8 @@ class TcrError(Exception):
         self.action = action
 
     def __str__(self) -> str:
+        if self.request_id is None:
+            return f"{self.code}: {self.message}"
         return f"{self.code}: {self.message} (RequestId {self.request_id})"
 
     def __repr__(self) -> str:
@@ -63,7 +65,9 @@ class TcrTransportError(TcrError):
 
     ``code`` is one of ``ClientError.NetworkError``, ``ClientError.Timeout``
     or ``ClientError.BadResponse``. ``http_status`` is the status of an
-    answer that was not TCR's HTTP 200 (None otherwise).
+    answer that was not TCR's HTTP 200 (None otherwise). ``sent`` is False
+    only when no connection could be opened, so TCR surely did not see the
+    request. ``outcome_unknown`` marks a write that TCR may have applied.
     """
 
     def __init__(
@@ -74,6 +78,10 @@ class TcrTransportError(TcrError):
         request_id: str | None = None,
         action: str | None = None,
         http_status: int | None = None,
+        sent: bool = True,
+        outcome_unknown: bool = False,
     ) -> None:
         super().__init__(code, message, request_id=request_id, action=action)
         self.http_status = http_status
+        self.sent = sent
+        self.outcome_unknown = outcome_unknown

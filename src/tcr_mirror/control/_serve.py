@@ -11,7 +11,10 @@ The node-credentials endpoint (the contract the node mirror consumes):
 secret>`` answers 200 ``{"registry", "username", "password", "expires_at"}``,
 401 ``{"error": "unauthorized"}`` on a bad secret (compared in constant
 time, checked before anything else is revealed), 404 ``{"error": "unknown
-registry"}``, 503 ``{"error": "no token yet"}``. ``GET /healthz`` and
+registry"}``, 503 ``{"error": "no token yet"}`` before the first token and
+503 ``{"error": "token expired", "expires_at"}`` once the token in hand has
+expired (renewals keep failing), so the node tries again later instead of
+logging in with a dead token. ``GET /healthz`` and
 ``GET /metrics`` (Prometheus) are served on the same port, or metrics on a
 port of their own.
 
@@ -87,13 +90,16 @@ class RenewalSchedule:
         self.expires_at: float | None = None
 
     def issued(self, now: float, lifetime: float) -> float:
-        """Record a token issued at ``now``; returns the next renewal time."""
+        """Record a token issued at ``now``; returns the next renewal time.
+
+        A token already expired on arrival (clock skew) is a failed
+        renewal: retrying at once would only get another such token.
+        """
+        if lifetime <= 0:
+            return self.failed(now)
         self.failures = 0
         self.expires_at = now + lifetime
-        self.next_at = now + max(lifetime, 0.0) * self.renew_fraction
-        if lifetime <= 0:
-            # A token already expired on arrival (clock skew): retry soon.
-            self.next_at = now + self.backoff_base
+        self.next_at = now + lifetime * self.renew_fraction
         return self.next_at
 
     def failed(self, now: float) -> float:
@@ -269,6 +275,17 @@ class TokenKeeper:
         now_unix = time.time()
         lifetime = credential.expires_at - now_unix
         schedule.issued(trio.current_time(), lifetime)
+        if lifetime <= 0:
+            _log(
+                logging.WARNING,
+                "token_renewal_failed",
+                registry=host,
+                code="ClientError.ExpiredToken",
+                message="TCR answered a token that has already expired",
+                failures=schedule.failures,
+                retry_in=round(schedule.delay(trio.current_time()), 3),
+            )
+            return
         self._current[host] = credential
         self.renewals += 1
         self.metrics.token_expiry.labels(registry=host).set(credential.expires_at)
@@ -297,6 +314,7 @@ class CredentialsServer:
         serve_metrics: answer ``/metrics`` on this server.
         serve_credentials: answer ``/v1/credentials`` (off for a server
             that exposes metrics only).
+        clock: Unix time, to tell an expired token.
     """
 
     def __init__(
@@ -306,11 +324,13 @@ class CredentialsServer:
         *,
         serve_metrics: bool = True,
         serve_credentials: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not node_secret:
             raise ValueError("the node secret is empty")
         self.keeper = keeper
-        self._secret = f"Bearer {node_secret}".encode()
+        self._secret = node_secret.encode()
+        self._clock = clock
         self.serve_metrics = serve_metrics
         self.serve_credentials = serve_credentials
 
@@ -338,7 +358,7 @@ class CredentialsServer:
             return _json(404, {"error": "not found"})
         if method != "GET":
             return _json(405, {"error": "method not allowed"})
-        if not hmac.compare_digest(authorization or b"", self._secret):
+        if not hmac.compare_digest(_bearer_token(authorization), self._secret):
             return _json(401, {"error": "unauthorized"})
         host = (parse_qs(url.query).get("registry") or [""])[0]
         if host not in self.keeper.hosts:
@@ -346,6 +366,9 @@ class CredentialsServer:
         credential = self.keeper.get(host)
         if credential is None:
             return _json(503, {"error": "no token yet"})
+        if credential.expires_at <= self._clock():
+            error = {"error": "token expired", "expires_at": credential.expires_at}
+            return _json(503, error)
         return _json(200, credential.as_json())
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -400,6 +423,15 @@ class CredentialsServer:
     ) -> None:
         """Listen on ``host:port`` (0 = any free port) until cancelled."""
         await trio.serve_tcp(self.handle, port, host=host, task_status=task_status)
+
+
+def _bearer_token(authorization: bytes | None) -> bytes:
+    """The token of a ``Bearer`` Authorization header; b"" for any other."""
+    # RFC 9110 §11.1: the scheme is case-insensitive, then one or more spaces.
+    scheme, _, token = (authorization or b"").partition(b" ")
+    if scheme.lower() != b"bearer":
+        return b""
+    return token.strip(b" ")
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:

@@ -29,9 +29,17 @@ from urllib.parse import urlsplit
 import trio
 
 from ..cli import CliError
-from ._audit import AuditLog, audit_hook, query, read_events, redact, verify
+from ._audit import (
+    AuditLog,
+    audit_hook,
+    event_time,
+    query,
+    read_events,
+    redact,
+    verify,
+)
 from ._client import CallRecord, TcrClient
-from ._commands import CALLS, CallCommand, blank
+from ._commands import CALLS, CallCommand, blank, call
 from ._credentials import CloudCredentials
 from ._errors import TcrError
 from ._serve import ControlMetrics, TokenKeeper, resolve_registries, tcr_issuer
@@ -178,6 +186,14 @@ def _add_audit(families: Any, common: argparse.ArgumentParser) -> None:
 Handler = Callable[["Session", argparse.Namespace], Awaitable[int]]
 
 
+class AuditWriteError(OSError):
+    """A TCR call was made but its audit event could not be written.
+
+    An OSError, so that ``control serve`` treats it like any failed
+    renewal; a one-line error for the other commands.
+    """
+
+
 class Session:
     """Credentials, audit log and TCR clients (one per region) of one run."""
 
@@ -202,7 +218,14 @@ class Session:
         """Audit every call; count it when serving metrics."""
         # The append fsyncs: in a worker thread, so that ``control serve``
         # keeps answering nodes meanwhile.
-        await trio.to_thread.run_sync(self._hook, call)
+        try:
+            await trio.to_thread.run_sync(self._hook, call)
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"{call.action} was sent to TCR but cannot be recorded: "
+                f"cannot write audit log {self.audit.path}: {exc.strerror}",
+            ) from None
         if self.metrics is not None:
             self.metrics.on_call(call)
 
@@ -262,6 +285,9 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
         except TcrError as exc:
             print(f"tcr-mirror: error: {exc}", file=sys.stderr)
             return 1
+        except AuditWriteError as exc:
+            print(f"tcr-mirror: error: {exc.strerror}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -283,7 +309,7 @@ def _call_command(command: CallCommand) -> Handler:
             params = command.params(args)
         except ValueError as exc:
             raise CliError(str(exc)) from None
-        answer = await session.client().call(command.action, params)
+        answer = await call(session.client(), command, params)
         data = {**redact(answer.data), "RequestId": answer.request_id}
         if command.text is not None:
             text = command.text(answer)
@@ -300,7 +326,7 @@ async def _token_create(session: Session, args: argparse.Namespace) -> int:
     if args.desc:
         params["Desc"] = args.desc
     answer = await session.client().call("CreateInstanceToken", params)
-    expires = float(answer.data.get("ExpTime") or 0) / 1000
+    expires = _expiry(answer.data.get("ExpTime"))
     secret = {
         "registry_id": args.registry_id,
         "username": answer.data.get("Username"),
@@ -309,6 +335,13 @@ async def _token_create(session: Session, args: argparse.Namespace) -> int:
         "expires_at": expires,
     }
     _write_secret(args.token_file, secret)
+    if expires is None:
+        # Saved all the same: the token exists in TCR and cannot be shown
+        # again.
+        raise CliError(
+            f"token created and written to {args.token_file}, but its ExpTime "
+            f"is not a time: {answer.data.get('ExpTime')!r}"
+        )
     if args.token_file == "-":
         return 0
     data = {**redact(answer.data), "RequestId": answer.request_id}
@@ -346,6 +379,24 @@ def _write_secret(path: str, secret: Mapping[str, Any]) -> None:
 def _iso(unix: float) -> str:
     moment = datetime.datetime.fromtimestamp(unix, tz=datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _event_iso(event: Mapping[str, Any]) -> str:
+    when = event_time(event)
+    try:
+        return _iso(when) if when is not None else f"{event.get('eventTime')!r:<20}"
+    except (OverflowError, ValueError, OSError):
+        return f"{event.get('eventTime')!r:<20}"
+
+
+def _expiry(exp_time: Any) -> float | None:
+    """TCR's ``ExpTime`` (epoch ms) in unix seconds; None if unreadable."""
+    try:
+        expires = float(exp_time) / 1000
+        _iso(expires)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+    return expires
 
 
 # --- plan / apply ---------------------------------------------------------
@@ -423,6 +474,8 @@ def _node_secret(path: str) -> str:
         raise CliError(
             f"cannot read --node-secret-file {path}: {exc.strerror}"
         ) from None
+    except UnicodeDecodeError:
+        raise CliError(f"--node-secret-file {path} is not UTF-8 text") from None
     if not secret:
         raise CliError(f"--node-secret-file {path} is empty")
     return secret
@@ -542,11 +595,18 @@ def _audit_query(args: argparse.Namespace) -> int:
     path = _log_path(args)
     since, until = _time(args.since, "--since"), _time(args.until, "--until")
     with _reading(path):
-        events = query(
-            path, events=args.event, since=since, until=until, errors_only=args.errors
-        )
+        try:
+            events = query(
+                path,
+                events=args.event,
+                since=since,
+                until=until,
+                errors_only=args.errors,
+            )
+        except ValueError as exc:
+            raise CliError(f"audit log {path}: {exc}") from None
     lines = [
-        f"{_iso(e.get('eventTime', 0))}  {e.get('eventName', '?'):<36} "
+        f"{_event_iso(e)}  {e.get('eventName', '?')!s:<36} "
         f"{blank(e.get('resourceName'))!s:<16} "
         f"{'OK' if e.get('errorCode') in (0, '0', '') else e.get('errorCode')}  "
         f"{blank(e.get('requestID'))}"

@@ -20,6 +20,7 @@ import trio
 
 from . import _enterprise
 from ._actions import ACTIONS, run
+from ._http import DropConnection
 from ._jwt import SigningKey
 from ._registry_auth import RegistryTokenService
 from ._schema import SimError
@@ -97,6 +98,14 @@ class Simulator:
             return 200, _JSON, b'{"status": "ok"}'
         return 404, _JSON, b'{"error": "not found"}'
 
+    async def _lose_answer(self, action: str) -> None:
+        lost, hold = self.state.take_lost_answer(action)
+        if not lost:
+            return
+        if hold is None:
+            raise DropConnection
+        await trio.sleep(hold)
+
     async def _api(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes
     ) -> bytes:
@@ -119,11 +128,14 @@ class Simulator:
                 await trio.sleep(delay)
             response = run(self.state, request)
             code = ""
+            await self._lose_answer(request.action)
         except SimError as exc:
             response, code = (
                 {"Error": {"Code": exc.code, "Message": exc.message}},
                 exc.code,
             )
+        except DropConnection:
+            raise
         except Exception:
             logger.exception(
                 "%s", json.dumps({"event": "sim_action_failed", "action": action})

@@ -20,7 +20,7 @@ from typing import Any
 import h11
 import trio
 
-__all__ = ["Handler", "serve_http", "serve_listeners_http"]
+__all__ = ["DropConnection", "Handler", "serve_http", "serve_listeners_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ _RECEIVE = 64 * 1024
 
 class _TooLarge(Exception):
     pass
+
+
+class DropConnection(Exception):  # noqa: N818 (an instruction, not a failure)
+    """Raised by a handler to close the connection without an answer."""
 
 
 async def serve_http(
@@ -118,6 +122,8 @@ async def _serve_one(
     _log(logging.DEBUG, "http_request", method=method, path=target.partition("?")[0])
     try:
         status, out_headers, out_body = await handler(method, target, headers, body)
+    except DropConnection:
+        return False
     except Exception:
         logger.exception("%s", json.dumps({"event": "http_handler_failed"}))
         status, out_headers, out_body = 500, [], b'{"error": "internal error"}'

@@ -202,6 +202,7 @@ class SimState:
         self.personal = PersonalAccount()
         self._faults: dict[str, collections.deque[SimError]] = {}
         self.delays: dict[str, float] = {}
+        self._lost_answers: dict[str, collections.deque[float | None]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def now(self) -> float:
@@ -298,6 +299,25 @@ class SimState:
     def take_fault(self, action: str) -> SimError | None:
         queue = self._faults.get(action)
         return queue.popleft() if queue else None
+
+    def lose_answer(
+        self, action: str, *, hold: float | None = None, times: int = 1
+    ) -> None:
+        """Run the next ``times`` calls of ``action``, then lose the answer.
+
+        A test hook for a write that took effect while its caller saw a
+        timeout or a broken connection: the answer is held ``hold`` seconds
+        before it is sent, or (None) the connection is closed without one.
+        """
+        queue = self._lost_answers.setdefault(action, collections.deque())
+        queue.extend([hold] * times)
+
+    def take_lost_answer(self, action: str) -> tuple[bool, float | None]:
+        """Whether this call's answer is lost, and how long it is held."""
+        queue = self._lost_answers.get(action)
+        if not queue:
+            return False, None
+        return True, queue.popleft()
 
     def admit(self, action: str, rate: float) -> None:
         """Token-bucket rate limit per action (burst = one second's worth).
