@@ -39,8 +39,8 @@ __all__ = [
     "watch_file",
 ]
 
-# Bytes per sendfile call, as nginx's sendfile_max_chunk: larger calls
-# measured no faster, and a smaller one returns sooner to look at the turn.
+# Bytes per sendfile call on the event loop, as nginx's sendfile_max_chunk:
+# larger calls measured no faster there, and hold the loop longer.
 _SENDFILE_CHUNK = 2 << 20
 # Bytes one response may send on the loop before letting other connections
 # have a turn.
@@ -53,14 +53,23 @@ _LOOP_SHARE = 16 << 20
 # thread still sends from it would send some other file.
 _TURN_BYTES = 64 << 20
 _TURN = 0.05
-_FULL_GRACE_MS = 5
+# Tuned with ``loadtest/bench_node.py --congestion-control reno`` (reno on
+# loopback, like for like with nginx), on 2 cores, one run of interleaved
+# rounds each, aggregate of 32 / 8 clients of a cached 256 MiB blob against
+# nginx's:
+#   2 senders, 2 MiB calls, 5 ms grace:    0.82 / 0.76
+#   8 senders, 2 MiB calls, 5 ms grace:    0.87 / 0.93
+#   8 senders, 8 MiB calls, 20 ms grace:   0.91-0.93 / 0.92-0.95
+#   8 senders, 2 MiB calls, 1 ms grace:    0.73 / 0.78
+# A sender spends much of its turn in ``poll`` for its one client, using no
+# core, so one per core left the other clients' sockets empty; a grace too
+# short sends the connection back through the loop for every drained
+# buffer. A client that stops reading holds a sender for the grace; one
+# that reads slowly, for at most the turn.
+_THREAD_CHUNK = 8 << 20
+_FULL_GRACE_MS = 20
 # At most this many stored blobs are being sent at the same moment; the
-# others wait their turn. A sender spends much of its turn in ``poll`` for
-# its one client, using no core, so one per core left the other clients'
-# sockets empty: with reno on loopback (``loadtest/bench_node.py
-# --congestion-control reno``), 32 clients of a cached blob got 0.82x
-# nginx's aggregate and 8 clients 0.73x with 2 senders on 2 cores; 0.90x
-# and 0.89x with 8. 16 measured no better than 8.
+# others wait their turn.
 _SENDERS = trio.CapacityLimiter(4 * max(2, os.cpu_count() or 2))
 
 
@@ -187,7 +196,7 @@ def _send_turn(out: int, fd: int, offset: int, count: int) -> tuple[int, bool]:
     while total < count and total < _TURN_BYTES:
         try:
             sent = os.sendfile(
-                out, fd, offset + total, min(count - total, _SENDFILE_CHUNK)
+                out, fd, offset + total, min(count - total, _THREAD_CHUNK)
             )
         except BlockingIOError:
             # A closed connection polls ready too; the next sendfile then
