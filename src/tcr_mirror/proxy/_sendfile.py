@@ -53,16 +53,21 @@ _LOOP_SHARE = 16 << 20
 # thread still sends from it would send some other file.
 _TURN_BYTES = 64 << 20
 _TURN = 0.05
-# Tuned with ``loadtest/bench_node.py --congestion-control reno`` (reno on
-# loopback, like for like with nginx), on 2 cores, one run of interleaved
-# rounds each, aggregate of 32 / 8 clients of a cached 256 MiB blob against
-# nginx's:
-#   2 senders, 2 MiB calls, 5 ms grace:    0.82 / 0.76
-#   8 senders, 2 MiB calls, 5 ms grace:    0.87 / 0.93
-#   8 senders, 8 MiB calls, 20 ms grace:   0.91-0.93 / 0.92-0.95
-#   8 senders, 2 MiB calls, 1 ms grace:    0.73 / 0.78
+# Tuned on 2 cores with interleaved rounds against nginx: the aggregate of
+# 32 / 8 clients of a cached 256 MiB blob, as a share of nginx's, with
+# every socket on reno (``loadtest/bench_node.py --congestion-control
+# reno``, like non-pacing cubic on most nodes) and with the clients on
+# this host's BBR:
+#   senders  call   grace   reno          BBR clients
+#   1 / core 2 MiB  5 ms    0.82 / 0.76   2.13x / 2.43x
+#   4 / core 2 MiB  5 ms    0.87 / 0.93   1.25x / 1.61x
+#   2 / core 8 MiB  20 ms   0.93 / 0.79   2.16x / 2.33x
+#   3 / core 8 MiB  20 ms   0.95 / 0.84   1.79x / 1.74x
+#   4 / core 8 MiB  20 ms   0.94 / 0.90   1.32x / 1.59x
+#   4 / core 2 MiB  1 ms    0.73 / 0.78
 # A sender spends much of its turn in ``poll`` for its one client, using no
-# core, so one per core left the other clients' sockets empty; a grace too
+# core, so one per core left the other clients' sockets empty; more than
+# two per core cost up to 40% of the rate with BBR clients. A grace too
 # short sends the connection back through the loop for every drained
 # buffer. A client that stops reading holds a sender for the grace; one
 # that reads slowly, for at most the turn.
@@ -70,7 +75,7 @@ _THREAD_CHUNK = 8 << 20
 _FULL_GRACE_MS = 20
 # At most this many stored blobs are being sent at the same moment; the
 # others wait their turn.
-_SENDERS = trio.CapacityLimiter(4 * max(2, os.cpu_count() or 2))
+_SENDERS = trio.CapacityLimiter(2 * max(2, os.cpu_count() or 2))
 
 
 # Errors of sendfile that come from reading the file, not from the socket.
