@@ -460,6 +460,28 @@ def test_cli_error_hides_the_password(tmp_path: Path) -> None:
     assert SECRET not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("mirror", "extra", "message"),
+    [
+        ("http://127.0.0.1:5000", ["--skip-verify"], "for https mirrors only"),
+        ("http://127.0.0.1:0", [], "port 0"),
+    ],
+)
+def test_a_mirror_containerd_cannot_use_as_given_is_refused(
+    tmp_path: Path, mirror: str, extra: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [str(TCR_MIRROR), "containerd-config", "--certs-dir", str(tmp_path),
+         "--mirror", mirror, *extra, "ghcr.io"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
 # Where containerd looks (pure).
 
 

@@ -86,6 +86,8 @@ def check_mirror_url(url: str) -> str:
         raise _bad_mirror(url, "must have no path or query")
     if parts.username is not None or parts.password is not None:
         raise _bad_mirror(url, "must not carry credentials")
+    if port == 0:
+        raise _bad_mirror(url, "has port 0, which no mirror listens on")
     host = parts.netloc.rpartition("@")[2]
     if port is None and host.endswith(":"):
         host = host[:-1]

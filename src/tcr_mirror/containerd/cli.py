@@ -73,7 +73,11 @@ def _run(args: argparse.Namespace) -> int:
             raise HostsConfigError("--mirror URL is required (or use --undo)")
         if not registries:
             raise HostsConfigError("name at least one REGISTRY (or _default)")
-        check_mirror_url(args.mirror)
+        mirror = check_mirror_url(args.mirror)
+        if args.skip_verify and mirror.startswith("http://"):
+            # containerd 2.x would then try HTTPS on the mirror first, and
+            # fall back to HTTP on every new connection.
+            raise HostsConfigError("--skip-verify is for https mirrors only")
         return _run_install(certs_dir, registries, args)
     except OSError as exc:
         where = exc.filename or certs_dir
