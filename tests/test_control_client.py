@@ -758,6 +758,28 @@ async def test_write_is_repeated_when_throttled_but_not_after_internal_error(
     assert _longterm_tokens(simulator) == 1
 
 
+async def test_a_write_answered_internal_error_says_its_outcome_is_unknown(
+    sim: Sim, autojump_clock: trio.abc.Clock
+) -> None:
+    """TCR's InternalError does not say whether the action was applied;
+    a read's says nothing of the kind, since reading changes nothing."""
+    simulator, endpoint = sim
+    async with TcrClient(
+        CREDENTIALS, region="ap-guangzhou", endpoint=endpoint, max_attempts=2
+    ) as tcr:
+        registry_id = await _instance(tcr)
+        params = {"RegistryId": registry_id, "TokenType": "longterm"}
+        simulator.state.inject("CreateInstanceToken", "InternalError", times=1)
+        with pytest.raises(TcrError) as write:
+            await tcr.call("CreateInstanceToken", params)
+        simulator.state.inject("DescribeInstances", "InternalError", times=2)
+        with pytest.raises(TcrError) as read:
+            await tcr.call("DescribeInstances", {})
+    assert write.value.code == read.value.code == "InternalError"
+    assert "CreateInstanceToken may or may not have taken effect" in str(write.value)
+    assert "taken effect" not in str(read.value)
+
+
 async def test_write_is_repeated_when_the_connection_is_refused(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -122,16 +122,28 @@ def _is_retryable(action: str, error: TcrError) -> bool:
     return error.code.startswith(_TRANSIENT_PREFIXES)
 
 
+_MAYBE_APPLIED = "may or may not have taken effect: check TCR before trying again"
+
+
 def _unknown_outcome(action: str, error: TcrError) -> TcrError:
     """The final error of a write that may have taken effect in TCR."""
-    if not isinstance(error, TcrTransportError) or not error.sent:
+    if not isinstance(error, TcrTransportError):
+        # TCR's own InternalError says nothing of how far the action got.
+        if not error.code.startswith("InternalError"):
+            return error
+        return TcrError(
+            error.code,
+            f"{error.message}; {action} {_MAYBE_APPLIED}",
+            request_id=error.request_id,
+            action=action,
+        )
+    if not error.sent:
         return error
     if error.http_status is not None and error.http_status < 500:
         return error
     return TcrTransportError(
         error.code,
-        f"{error.message}; {action} may or may not have taken effect: "
-        "check TCR before trying again",
+        f"{error.message}; {action} {_MAYBE_APPLIED}",
         request_id=error.request_id,
         action=action,
         http_status=error.http_status,
