@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from types import TracebackType
 
 __all__ = ["JsonFormatter", "configure_logging"]
 
@@ -22,6 +23,14 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):
+        # %-arguments that do not fit the message: keep the line JSON.
+        return str(record.msg)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, object] = {
@@ -29,22 +38,37 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _message(record),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 event[key] = value
         if record.exc_info and record.exc_info[0] is not None:
-            event["error"] = repr(record.exc_info[1])
+            # str(), as the traceback's last line has it: the repr of a
+            # UnicodeError holds the whole text it failed on, which may be
+            # a token endpoint's answer or a credentials header.
+            exc = record.exc_info[1]
+            event["error"] = f"{record.exc_info[0].__name__}: {exc}"
             event["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str)
+        try:
+            return json.dumps(event, default=str, allow_nan=False)
+        except (TypeError, ValueError):
+            # A value JSON cannot hold (NaN, a dict keyed by tuples, a cycle)
+            # would otherwise make logging print its own multi-line report.
+            return json.dumps({key: _text(value) for key, value in event.items()})
+
+
+def _text(value: object) -> object:
+    return value if isinstance(value, str | int | bool | None) else str(value)
 
 
 def configure_logging(level: str = "info") -> None:
     """Send the ``tcr_mirror`` loggers to stderr as JSON lines.
 
-    trio's own few log calls (``accept`` out of file descriptors, say) go
-    the same way, at warning and above, so stderr stays JSON lines only.
+    trio's own few log calls (``accept`` out of file descriptors, say),
+    other libraries' warnings, Python's warnings and an exception that ends
+    the process go the same way, at warning and above, so stderr stays
+    JSON lines only.
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -53,3 +77,24 @@ def configure_logging(level: str = "info") -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(logger_level)
         logger.propagate = False
+    # Without a handler on the root, other libraries' warnings and Python's
+    # own (through captureWarnings) reach stderr as bare text. Warning is
+    # the floor: httpx logs each request's URL at info.
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_crash
+
+
+def _log_crash(
+    kind: type[BaseException], exc: BaseException, traceback: TracebackType | None
+) -> None:
+    """Log an exception that ends the process as one JSON event, not as
+    Python's multi-line traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, traceback)
+        return
+    logging.getLogger("tcr_mirror").critical(
+        "process_crashed", exc_info=(kind, exc, traceback)
+    )

@@ -63,7 +63,7 @@ class MirrorMetrics:
         self.requests = RequestCounter(r)
         self.cache_results = Counter(
             "tcr_mirror_cache_results",
-            "Cache lookups by kind and result (hit, miss, joined, stale).",
+            "Cache lookups by kind and result (hit, miss, joined, revalidated, stale).",
             ["kind", "result"],
             registry=r,
         )

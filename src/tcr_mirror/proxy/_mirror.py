@@ -221,14 +221,17 @@ class Mirror:
         cached = self._cached_tag(entry, accept)
         assert entry is None or cached is None or entry.digest == str(cached.digest)
         if cached is not None and entry and _fresh(entry, self._tag_ttl, time.time()):
+            self._cache("tag", "hit")
             return cached
+        if cached is None:
+            self._cache("tag", "miss")
 
         async def revalidate() -> _Manifest:
             return await self._resolve_tag(upstream, route.name, tag, accept, variant)
 
         key = (upstream.key, route.name, tag, accept)
         try:
-            return await self._manifest_flights.do(key, revalidate)
+            manifest = await self._manifest_flights.do(key, revalidate)
         except (UpstreamUnavailable, TooManyRequests) as exc:
             if cached is None:
                 raise
@@ -243,6 +246,10 @@ class Mirror:
                 },
             )
             return cached
+        if cached is not None:
+            # Known but past its TTL, and the upstream answered.
+            self._cache("tag", "revalidated")
+        return manifest
 
     def _cached_tag(self, entry: TagEntry | None, accept: str) -> _Manifest | None:
         if entry is None or not _accepts(accept, entry.media_type):

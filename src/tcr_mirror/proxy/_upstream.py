@@ -522,6 +522,7 @@ class Upstream:
             UpstreamUnavailable: The endpoint is unreachable, or its answer
                 is larger than any token.
         """
+        started, answered = trio.current_time(), False
         try:
             with trio.fail_after(self._timeouts.head):
                 client = self._client_for(realm)
@@ -529,6 +530,10 @@ class Upstream:
                     "GET", realm, params=params, headers=headers
                 )
                 response = await client.send(request, stream=True)
+                # The token endpoint is part of the upstream: when it fails,
+                # no pull reaches the registry at all.
+                self._observe(response.status_code, started)
+                answered = True
                 try:
                     if response.status_code != 200:
                         return response, b""
@@ -536,6 +541,8 @@ class Upstream:
                 finally:
                     await response.aclose()
         except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+            if not answered:
+                self._observe(None, started)
             reason = type(exc).__name__
             raise UpstreamUnavailable(
                 f"token endpoint of upstream {self.key} unreachable: {reason}"
