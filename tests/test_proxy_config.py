@@ -174,6 +174,27 @@ def test_bad_flag_values_are_refused(flags: list[str], message: str) -> None:
         config_from(["--upstream", "http://127.0.0.1:5001", *flags])
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--upstream", "https://user:pw-s3cret@registry.example:bad"],
+        ["--credentials-url", "http://node:pw-s3cret@control:99999"],
+    ],
+)
+def test_a_bad_url_is_refused_without_its_password(
+    tmp_path: Path, flags: list[str]
+) -> None:
+    secret = tmp_path / "node-secret"
+    secret.write_text("node secret\n")
+    with pytest.raises(ConfigError) as raised:
+        config_from(
+            ["--upstream", "http://127.0.0.1:5001", *flags,
+             "--node-secret-file", str(secret)]
+        )  # fmt: skip
+    assert "must be http(s)://host[:port]" in str(raised.value)
+    assert "pw-s3cret" not in str(raised.value)
+
+
 def test_an_upstream_without_default_is_not_the_default(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(f"{UPSTREAM}default = false\n")

@@ -24,8 +24,8 @@ there before.
 The decisions (what to write, which step to take given what is on disk)
 are pure functions; the layer below them reads and writes the files:
 
-- ``_names`` and ``_redact`` check registry names and the mirror URL, and
-  keep credentials out of messages;
+- ``_names`` checks registry names and the mirror URL, and (with
+  ``tcr_mirror._redact``) keeps credentials out of messages;
 - ``_carry`` reads what containerd made of the configuration we replace
   (with ``_toml_headers``, as containerd 2.0+ lists hosts by table header),
   and ``_render`` writes the hosts.toml that keeps it behind the mirror;
@@ -38,11 +38,12 @@ are pure functions; the layer below them reads and writes the files:
 
 from __future__ import annotations
 
+from tcr_mirror._redact import redact
+
 from ._carry import Carried, carry_over
 from ._errors import HostsConfigError
 from ._lookup import host_dir_names
 from ._names import DEFAULT_NAMESPACE, check_mirror_url, check_registry
-from ._redact import redact
 from ._render import MARKER, is_ours, render_hosts_toml
 from ._steps import BACKUP_NAME, InstallStep, UndoStep, install_step, undo_step
 from .cli import register

@@ -6,8 +6,9 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from tcr_mirror._redact import _user_info, redact
+
 from ._errors import HostsConfigError
-from ._redact import _user_info, redact
 
 __all__ = ["DEFAULT_NAMESPACE", "check_mirror_url", "check_registry"]
 

@@ -6,10 +6,11 @@ import functools
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 
+from tcr_mirror._redact import redact
+
 from ._carry import Carried
 from ._errors import HostsConfigError
 from ._names import DEFAULT_NAMESPACE, _split_port, check_mirror_url, check_registry
-from ._redact import redact
 
 __all__ = ["MARKER", "is_ours", "render_hosts_toml"]
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tcr_mirror._redact import redact
 from tcr_mirror.proxy._auth import Credentials
 from tcr_mirror.proxy._httpproxy import (
     HttpProxy,
@@ -305,7 +306,7 @@ def make_upstream(
     default: bool,
     credentials: Credentials | None = None,
 ) -> UpstreamConfig:
-    shape = f"upstream URL must be http(s)://host[:port], got {url!r}"
+    shape = f"upstream URL must be http(s)://host[:port], got {redact(url)!r}"
     try:
         parts = urlsplit(url)
         # Reading the port checks it: a number, at most 65535.
@@ -329,7 +330,7 @@ def _check_control_url(url: str) -> None:
     Raises:
         ConfigError: It is not ``http(s)://host[:port][/path]``.
     """
-    shape = f"credentials_url must be http(s)://host[:port], got {url!r}"
+    shape = f"credentials_url must be http(s)://host[:port], got {redact(url)!r}"
     try:
         parts = urlsplit(url)
         # Reading the port checks it: a number, at most 65535.

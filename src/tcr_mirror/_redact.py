@@ -1,4 +1,5 @@
-"""User info out of URLs and host names, for error messages and shown files."""
+"""User info out of URLs and host names, for error messages and shown
+files (containerd-config) and configuration errors (the node)."""
 
 from __future__ import annotations
 
