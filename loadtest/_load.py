@@ -57,13 +57,16 @@ def fetch_group(
                     [*command, path, method, *([str(output)] if output else [])],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
                     text=True,
                 )
             )
         for process in processes:
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"client could not connect to port {port}")
+                raise RuntimeError(
+                    f"a client could not connect to port {port}: {_last_error(process)}"
+                )
         for process in processes:
             assert process.stdin is not None
             process.stdin.write("go\n")
@@ -73,17 +76,36 @@ def fetch_group(
         for process in processes:
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            # Closes its pipes and waits: a group cut short leaks nothing.
+            with process:
+                pass
     return _group(results, expected)
 
 
 def _result(process: subprocess.Popen[str]) -> dict[str, float]:
-    output, _ = process.communicate(timeout=_GROUP_TIMEOUT)
-    line = output.strip().splitlines()[-1] if output.strip() else "{}"
-    result: dict[str, float] = json.loads(line)
+    output, errors = process.communicate(timeout=_GROUP_TIMEOUT)
+    try:
+        result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        result = {}
     if "status" not in result:
-        raise RuntimeError("a client failed (no result)")
+        raise RuntimeError(f"a client failed: {_last_line(errors)}")
     return result
+
+
+def _last_error(process: subprocess.Popen[str]) -> str:
+    """The last line a client that gave up wrote to stderr (its exception)."""
+    try:
+        _, errors = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        return "no answer"
+    return _last_line(errors)
+
+
+def _last_line(text: str | None) -> str:
+    # A client's traceback ends with its exception, which says what broke.
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def _group(results: list[dict[str, float]], expected: int) -> GroupResult:
@@ -169,17 +191,27 @@ def run_rate_clients(
     command = [sys.executable, "-I", "-S", str(_RATE), "127.0.0.1", str(port),
                path, method, accept, str(seconds), per_process]  # fmt: skip
     running = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(processes)
     ]
     try:
-        outputs = [p.communicate(timeout=seconds + 60)[0] for p in running]
+        outputs = [p.communicate(timeout=seconds + 60) for p in running]
     finally:
         for process in running:
             if process.poll() is None:
                 process.kill()
-                process.wait()
-    results = [json.loads(output) for output in outputs]
+            with process:
+                pass
+    results = []
+    for output, errors in outputs:
+        try:
+            results.append(json.loads(output))
+        except ValueError:
+            raise RuntimeError(
+                f"a rate client on port {port} failed: {_last_line(errors)}"
+            ) from None
     return RateResult(
         sum(r["requests"] for r in results),
         max(r["seconds"] for r in results),
