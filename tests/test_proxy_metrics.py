@@ -7,6 +7,7 @@ move, by their exposed names and labels.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -289,3 +290,27 @@ def test_a_token_endpoint_that_is_down_counts_as_an_upstream_error(
         upstream=token_auth_registry.host,
     )
     assert timed == 1
+
+
+def test_requests_the_server_refuses_itself_are_counted(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    """Refused before the mirror routes them, they were in no series: an
+    operator could not see a client sending garbage or oversized heads."""
+    node = start(node_factory, registry)
+    host, port = node.url.removeprefix("http://").split(":")
+    oversized = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+    for raw in (b"NOT HTTP AT ALL\r\n\r\n", oversized + b"\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            status_line = sock.makefile("rb").readline()
+        assert status_line.split()[1] in (b"400", b"431"), status_line
+
+    metrics = scrape(node)
+    refused = {
+        status: metrics(
+            "tcr_mirror_requests_total", kind="invalid", method=method, status=status
+        )
+        for method, status in (("other", "400"), ("GET", "431"))
+    }
+    assert refused == {"400": 1, "431": 1}

@@ -298,6 +298,7 @@ class Node:
             on_sent=on_sent,
             quiet_paths=_PROBES,
             max_connections=_max_connections(),
+            on_refused=self._count_refused,
         )
         self.metrics.registry.register(ConnectionCollector(self._server.statistics))
         await nursery.start(self._serve_clients, self._server)
@@ -331,6 +332,10 @@ class Node:
     ) -> None:
         await server.serve(self._listeners, task_status=task_status)
         self._drained.set()
+
+    def _count_refused(self, method: str, status: int) -> None:
+        # Answered by the server before routing: no kind to name but this.
+        self.metrics.requests.labels("invalid", method, str(status)).inc()
 
     def _mirror_handler(self, mirror: Mirror) -> Handler:
         async def handle(request: Request) -> Response:

@@ -125,6 +125,10 @@ class HttpServer:
         max_connections: Connections served at once; one more is closed as
             soon as it is accepted, so that a crowd of clients cannot take
             the descriptors the store's files and the upstreams need.
+        on_refused: Called with ``(method, status)`` for each request the
+            server answers itself, without the handler: a malformed one
+            (400), a head or body past the limits (431, 413). The method
+            is ``""`` when the request line could not be read.
     """
 
     def __init__(
@@ -135,8 +139,10 @@ class HttpServer:
         log_requests: bool = True,
         quiet_paths: Collection[str] = (),
         max_connections: int = 4096,
+        on_refused: Callable[[str, int], None] | None = None,
     ) -> None:
         self._handler = handler
+        self._on_refused = on_refused or _ignore
         self._max_connections = max_connections
         self._refused = 0
         self._refusal_logged_at = -math.inf
@@ -248,6 +254,7 @@ class HttpServer:
             try:
                 event = await self._next_request(connection, stream, idle)
             except h11.RemoteProtocolError as exc:
+                self._on_refused("", exc.error_status_hint)
                 await _send_protocol_error(connection, stream, exc)
                 return
             if not isinstance(event, h11.Request):
@@ -296,6 +303,7 @@ class HttpServer:
             with trio.fail_after(_HEAD_TIMEOUT):
                 await _drain_body(connection, stream)
         except RegistryError as exc:
+            self._on_refused(request.method, exc.status)
             response = error_response(exc)
         else:
             response = _sendable(await self._respond(request))
