@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.faultproxy import Fault, FaultKind, FaultProxy
 from support.images import push_image
 from support.node import NodeFactory, NodeProcess
-from support.registry import Registry
+from support.registry import Registry, free_port
 from support.tokenserver import TokenServer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -289,7 +289,8 @@ def test_a_token_endpoint_that_is_down_counts_as_an_upstream_error(
         "tcr_mirror_upstream_request_duration_seconds_count",
         upstream=token_auth_registry.host,
     )
-    assert timed == 1
+    # The failed token request is timed as well as the answered challenge.
+    assert timed == 2
 
 
 def test_requests_the_server_refuses_itself_are_counted(
@@ -314,3 +315,73 @@ def test_requests_the_server_refuses_itself_are_counted(
         for method, status in (("other", "400"), ("GET", "431"))
     }
     assert refused == {"400": 1, "431": 1}
+
+
+def test_manifest_bodies_count_as_bytes_served_by_their_source(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    image = push_image(registry, "app", "v1", layer_sizes=[10])
+    node = start(node_factory, registry, "--tag-ttl", "300")
+    url = f"{node.url}/v2/app/manifests/v1"
+    served = "tcr_mirror_served_bytes_total"
+    size = len(image.manifest_bytes)
+
+    fetched = httpx.get(url, headers=ACCEPT)
+    after_fetch = scrape(node)
+    stored = httpx.get(url, headers=ACCEPT)
+    after_store = scrape(node)
+    head = httpx.head(url, headers=ACCEPT)
+    after_head = scrape(node)
+
+    assert fetched.content == stored.content == image.manifest_bytes
+    assert head.status_code == 200
+    assert after_fetch(served, source="upstream") == size
+    assert after_fetch(served, source="store") == 0
+    assert after_store(served, source="upstream") == size
+    assert after_store(served, source="store") == size
+    # A HEAD sends no body.
+    assert after_head(served, source="upstream") == size
+    assert after_head(served, source="store") == size
+
+
+def test_failed_upstream_requests_are_timed(node_factory: NodeFactory) -> None:
+    """Without the failures, an upstream that times out or refuses every
+    connection would look fast in the histogram instead of slow."""
+    upstream = f"127.0.0.1:{free_port()}"  # nobody listens there
+    node = node_factory(
+        "--upstream", f"http://{upstream}", "--metrics-listen", "127.0.0.1:0"
+    )
+
+    refused = httpx.get(f"{node.url}/v2/app/manifests/v1", headers=ACCEPT)
+
+    assert refused.status_code == 503
+    metrics = scrape(node)
+    errors = metrics(
+        "tcr_mirror_upstream_requests_total", upstream=upstream, status="error"
+    )
+    timed = metrics(
+        "tcr_mirror_upstream_request_duration_seconds_count", upstream=upstream
+    )
+    assert errors >= 1
+    assert timed == errors
+
+
+def test_metrics_page_answers_only_get_and_head(
+    registry: Registry, node_factory: NodeFactory
+) -> None:
+    node = start(node_factory, registry)
+    address = next(
+        e["address"] for e in node.events() if e.get("event") == "metrics_listening"
+    )
+    url = f"http://{address}/metrics"
+
+    posted = httpx.post(url, content=b"x")
+    got = httpx.get(url)
+    head = httpx.head(url)
+
+    assert posted.status_code == 405
+    assert posted.headers["Allow"] == "GET, HEAD"
+    assert got.status_code == 200
+    assert "tcr_mirror_requests_total" in got.text
+    assert head.status_code == 200
+    assert head.content == b""

@@ -352,20 +352,29 @@ class Node:
             if path in _PROBES:
                 return self._probe(request.method, path)
             if path == "/metrics":
-                body = generate_latest(self.metrics.registry)
-                return Response(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)
+                return self._metrics_page(request.method)
             return _text(404, "not found")
 
         return handle
 
+    def _metrics_page(self, method: str) -> Response:
+        if method not in ("GET", "HEAD"):
+            return _not_allowed()
+        body = generate_latest(self.metrics.registry)
+        return Response(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)
+
     def _probe(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
-            response = _text(405, "method not allowed")
-            response.headers.append(("Allow", "GET, HEAD"))
-            return response
+            return _not_allowed()
         if path == "/readyz" and not self._ready:
             return _text(503, "not ready")
         return _text(200, "ok")
+
+
+def _not_allowed() -> Response:
+    response = _text(405, "method not allowed")
+    response.headers.append(("Allow", "GET, HEAD"))
+    return response
 
 
 def _text(status: int, line: str) -> Response:

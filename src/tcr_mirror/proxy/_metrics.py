@@ -69,7 +69,7 @@ class MirrorMetrics:
         )
         self.served_bytes = Counter(
             "tcr_mirror_served_bytes",
-            "Blob bytes sent to clients, by source (store, upstream).",
+            "Blob and manifest bytes sent to clients, by source (store, upstream).",
             ["source"],
             registry=r,
         )
@@ -81,7 +81,7 @@ class MirrorMetrics:
         )
         self.upstream_latency = Histogram(
             "tcr_mirror_upstream_request_duration_seconds",
-            "Time from sending an upstream request to its response head.",
+            "Time from sending an upstream request to its response head or failure.",
             ["upstream"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -103,10 +103,11 @@ class MirrorMetrics:
     ) -> None:
         label = "error" if status is None else str(status)
         self.upstream_requests.labels(upstream, label).inc()
-        if status is not None:
-            self.upstream_latency.labels(upstream).observe(seconds)
-            if status < 500:
-                self.upstream_last_success.labels(upstream).set(now)
+        # Failures are timed too: an upstream that times out shows as slow,
+        # not as missing from the histogram.
+        self.upstream_latency.labels(upstream).observe(seconds)
+        if status is not None and status < 500:
+            self.upstream_last_success.labels(upstream).set(now)
 
 
 class StoreCollector(Collector):

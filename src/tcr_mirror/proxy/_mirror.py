@@ -108,6 +108,9 @@ class _Manifest:
     digest: Digest
     media_type: str
     body: bytes
+    # ``upstream`` when fetched for this request (or a flight it joined),
+    # ``store`` when read from the store: the served-bytes label.
+    source: str = "store"
 
 
 class Mirror:
@@ -182,6 +185,9 @@ class Mirror:
             ("ETag", f'"{manifest.digest}"'),
             _API_VERSION,
         ]
+        if request.method != "HEAD":
+            served = self._metrics.served_bytes.labels(manifest.source)
+            served.inc(len(manifest.body))
         return Response(200, headers, manifest.body)
 
     async def _manifest_by_digest(
@@ -313,7 +319,7 @@ class Mirror:
             )
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         self._store.put_manifest(digest, media_type, body)
-        return _Manifest(digest, media_type, body)
+        return _Manifest(digest, media_type, body, source="upstream")
 
     # -- blobs ----------------------------------------------------------------
 
