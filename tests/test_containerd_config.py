@@ -649,6 +649,8 @@ def test_foreign_file_after_backup_is_refused_and_nothing_changes(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("tcr-mirror: error:")
     assert BACKUP_NAME in line
+    # Two registries were named: the message says which directory.
+    assert str(tmp_path / "ghcr.io") in line
     assert _snapshot(tmp_path) == before
 
 

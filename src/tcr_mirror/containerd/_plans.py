@@ -66,7 +66,11 @@ def _plan_install(
         created_dir=created,
     )
     desired = render().encode()
-    step = install_step(current, backup, desired)
+    try:
+        step = install_step(current, backup, desired)
+    except HostsConfigError as exc:
+        # With several registries, the operator must know which directory.
+        raise HostsConfigError(f"{host_dir.path}: {exc}") from None
     return _Install(host_dir, step, desired, render(redact_secrets=True), created)
 
 

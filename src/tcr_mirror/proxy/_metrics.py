@@ -94,7 +94,8 @@ class MirrorMetrics:
         )
         self.fetch_waiting_clients = Gauge(
             "tcr_mirror_blob_fetch_waiting_clients",
-            "Clients reading blobs whose fetch is still running.",
+            "Clients reading a blob that was being fetched when they asked, "
+            "until their body ends.",
             registry=r,
         )
 
