@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from support.node import NodeFactory
 from tcr_mirror.proxy._config import ConfigError, NodeConfig
 from tcr_mirror.proxy._httpproxy import (
     HttpProxy,
@@ -403,3 +404,17 @@ def test_cli_skips_an_unreadable_no_proxy_variable_and_refuses_the_flag(
     for result in (from_environment, flag):
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
+
+
+def test_a_skipped_no_proxy_entry_is_warned_about(
+    node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipped as Go skips it, but said: a typo in NO_PROXY would otherwise
+    send what was meant to go direct through the proxy, unnoticed."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "tcr.example,registry:x")
+    node = node_factory("--upstream", "https://tcr.example")
+
+    skipped = [e for e in node.events() if e.get("event") == "no_proxy_entry_skipped"]
+
+    assert [(e["level"], e["entry"]) for e in skipped] == [("warning", "registry:x")]

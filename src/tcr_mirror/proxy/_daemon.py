@@ -110,6 +110,14 @@ def _log_proxies(config: NodeConfig, proxies: ProxyPolicy) -> None:
                 "reason": "only http:// proxies are supported",
             },
         )
+    if proxies.http is not None or proxies.https is not None:
+        for entry in proxies.skipped_no_proxy:
+            # Skipped as Go skips it; said, so that a typo does not send
+            # traffic meant to go direct through the proxy unnoticed.
+            logger.warning(
+                "no_proxy_entry_skipped",
+                extra={"entry": entry, "reason": "it names no host, domain or network"},
+            )
     for up in config.upstreams:
         proxy = proxies.for_url(up.url)
         if proxy is not None:

@@ -248,6 +248,11 @@ class ProxyPolicy:
         exceptions = tuple(e for e in parsed if e is not None)
         object.__setattr__(self, "_exceptions", exceptions)
 
+    @property
+    def skipped_no_proxy(self) -> tuple[str, ...]:
+        """The ``no_proxy`` entries that exempt nothing and are skipped."""
+        return tuple(e for e in self.no_proxy if _parse_exception(e) is None)
+
     @classmethod
     def configured(cls, proxy: HttpProxy, no_proxy: Iterable[str] = ()) -> ProxyPolicy:
         """One proxy for every URL but those in ``no_proxy``, loopback too.
