@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.faultproxy import Fault, FaultKind, FaultProxy
@@ -20,6 +21,7 @@ from support.images import push_image
 from support.node import NodeFactory, NodeProcess
 from support.registry import Registry, free_port
 from support.tokenserver import TokenServer
+from tcr_mirror.proxy._metrics import MirrorMetrics
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = {"Accept": OCI_MANIFEST}
@@ -385,3 +387,17 @@ def test_metrics_page_answers_only_get_and_head(
     assert "tcr_mirror_requests_total" in got.text
     assert head.status_code == 200
     assert head.content == b""
+
+
+def test_a_proxy_refusing_its_credentials_is_no_upstream_contact() -> None:
+    """Only the upstream's own answers count as contact; a 407 comes from a
+    proxy between (an http:// upstream reached with wrong proxy
+    credentials), so the gauge must not say the upstream was reached."""
+    registry = CollectorRegistry()
+    metrics = MirrorMetrics(registry)
+    name = "tcr_mirror_upstream_last_success_timestamp_seconds"
+    metrics.observe_upstream("registry", 407, 0.01, now=1000.0)
+    metrics.observe_upstream("registry", 503, 0.01, now=1001.0)
+    assert registry.get_sample_value(name, {"upstream": "registry"}) is None
+    metrics.observe_upstream("registry", 404, 0.01, now=1002.0)
+    assert registry.get_sample_value(name, {"upstream": "registry"}) == 1002.0

@@ -88,7 +88,8 @@ class MirrorMetrics:
         )
         self.upstream_last_success = Gauge(
             "tcr_mirror_upstream_last_success_timestamp_seconds",
-            "Unix time of the last upstream answer that was not a 5xx.",
+            "Unix time of the last upstream answer that was not a 5xx "
+            "(nor a proxy's 407).",
             ["upstream"],
             registry=r,
         )
@@ -107,7 +108,8 @@ class MirrorMetrics:
         # Failures are timed too: an upstream that times out shows as slow,
         # not as missing from the histogram.
         self.upstream_latency.labels(upstream).observe(seconds)
-        if status is not None and status < 500:
+        # A 407 is the proxy on the way refusing us; the upstream said nothing.
+        if status is not None and status < 500 and status != 407:
             self.upstream_last_success.labels(upstream).set(now)
 
 
