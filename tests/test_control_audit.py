@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from support.filesystems import fill, mounted_tmpfs
 from tcr_mirror.control import CallRecord, TcrError, TcrResponse
 from tcr_mirror.control._audit import (
     GENESIS_HASH,
@@ -406,31 +407,8 @@ def test_writer_killed_mid_line_does_not_break_a_log_held_open(
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "fs"
-    mountpoint.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)]
-    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "size=1m") as mountpoint:
         yield mountpoint
-    finally:
-        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        if unmount.returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write ``path`` until the filesystem is full."""
-    with open(path, "wb", buffering=0) as filler:
-        for _ in range(10_000):
-            try:
-                filler.write(b"\0" * 65536)
-            except OSError:
-                return
-    raise AssertionError("the filesystem never filled up")
 
 
 def test_full_disk_fails_the_append_and_leaves_no_half_event(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import trio
 
 from support.control_sim import SECRET_KEY, sim_env, sim_in_process, sim_process
+from support.filesystems import fill, mounted_tmpfs
 from support.processes import stop_process
 
 ERROR_LINE = re.compile(
@@ -516,20 +516,8 @@ def test_serve_on_a_taken_port_is_one_line(cli: Cli) -> None:
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "fs"
-    mountpoint.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)]
-    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "size=1m") as mountpoint:
         yield mountpoint
-    finally:
-        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        if unmount.returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_serve_keeps_serving_when_the_audit_disk_fills(
@@ -578,12 +566,7 @@ def test_serve_keeps_serving_when_the_audit_disk_fills(
             if credentials().status_code == 200:
                 break
             time.sleep(0.05)
-        with open(small_filesystem / "filler", "wb", buffering=0) as filler:
-            for _ in range(1000):
-                try:
-                    filler.write(b"\0" * 65536)
-                except OSError:
-                    break
+        fill(small_filesystem / "filler")
 
         for _ in range(300):
             if any('"token_renewal_failed"' in line for line in captured):
@@ -604,12 +587,7 @@ def test_full_audit_disk_fails_a_command_in_one_line(
 ) -> None:
     audit_log = small_filesystem / "audit.jsonl"
     audit_log.touch()
-    with open(small_filesystem / "filler", "wb", buffering=0) as filler:
-        for _ in range(1000):
-            try:
-                filler.write(b"\0" * 65536)
-            except OSError:
-                break
+    fill(small_filesystem / "filler")
 
     run = cli("--audit-log", str(audit_log), "instances", "list")
 

@@ -216,7 +216,8 @@ def test_no_origin_without_an_http_scheme_and_a_host(url: str) -> None:
         ("http://r.example/v2/", "https://s3.example/b", "https://s3.example/b"),
         ("http://r.example/v2/", "http://s3.example/b", "http://s3.example/b"),
         # User info is no credential to send on, nor part of a Host.
-        ("https://r.example/v2/", "https://u:p@s3.example:8443/b?s=1", "https://s3.example:8443/b?s=1"),
+        ("https://r.example/v2/", "https://u:p@s3.example:8443/b?s=1",
+         "https://s3.example:8443/b?s=1"),
         ("https://r.example/v2/", "https://u@[::1]/b", "https://[::1]/b"),
     ],
 )  # fmt: skip

@@ -24,7 +24,6 @@ import hashlib
 import os
 import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from support.filesystems import mounted_tmpfs
 from support.images import PushedImage, push_image
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
@@ -75,22 +75,9 @@ def filesystem(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]
 
     Parametrized indirectly, the parameter adds mount options.
     """
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "fs"
-    mountpoint.mkdir()
     options = ",".join([f"size={FS_SIZE}", *getattr(request, "param", [])])
-    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)]
-    result = subprocess.run(mount, capture_output=True, text=True, timeout=10)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", options) as mountpoint:
         yield mountpoint
-    finally:
-        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        if unmount.returncode != 0:
-            # Something still holds it open; detach it rather than leak it.
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 @pytest.fixture
