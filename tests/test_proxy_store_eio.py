@@ -1,4 +1,4 @@
-"""A stored blob whose file cannot be read: a bad sector under ``sendfile``.
+"""Blob files that cannot be read or written: bad sectors under the store.
 
 A real ``tcr-mirror node`` keeps its data directory on a FUSE filesystem
 (:mod:`support.faultyfs`) whose reads of one blob file fail with ``EIO``
@@ -7,6 +7,8 @@ disk. What must hold: the client of the unreadable blob gets a body cut
 short, never the declared length of wrong bytes; the node drops the blob
 and stays up; the next client gets the whole blob, fetched again from the
 upstream (a real docker-registry behind a :class:`FaultProxy` that counts).
+A fetch whose writes fail the same way fails cleanly: its client's body is
+cut, nothing is stored, and the next request fetches the blob again.
 """
 
 from __future__ import annotations
@@ -133,3 +135,32 @@ def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
     assert blob_file(node, digest).stat().st_size == len(data)
     assert_got(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
+
+
+def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
+    node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
+) -> None:
+    digest, data = image.layers[0]
+    faulty_fs.fail_writes(digest.split(":", 1)[1], BAD_SECTOR)
+
+    failed = pull_blob(node, digest)
+
+    assert not failed.complete
+    assert data.startswith(failed.body)
+    assert len(failed.body) <= BAD_SECTOR
+    wait_until(lambda: events(node, "blob_fetch_failed"), "the fetch to fail")
+    (failure,) = events(node, "blob_fetch_failed")
+    assert failure["digest"] == digest
+    assert "Input/output error" in failure["reason"], failure
+    assert not blob_file(node, digest).exists()
+    wait_until(
+        lambda: not any((node.data_dir / "tmp").iterdir()),
+        "the temporary file to be deleted",
+    )
+    assert "Traceback" not in node.log_text()
+    assert proxy.count("GET", blob_path(digest)) == 1
+
+    faulty_fs.heal()
+    assert_got(pull_blob(node, digest), digest)
+    assert proxy.count("GET", blob_path(digest)) == 2
+    assert blob_file(node, digest).stat().st_size == len(data)

@@ -12,8 +12,10 @@ and at exit unmounts (lazily, so a busy mount cannot stop that) and ends it.
 It is mounted with ``direct_io``: no page cache stands between the node's
 ``sendfile`` and the bad sector.
 
-A control file line is ``<file name> <offset>``: reads of any file of that
-name that reach ``offset`` fail.
+A control file line is ``read <file name> <offset>``: reads of any file
+of that name that reach ``offset`` fail; or ``write <name prefix>
+<offset>``: writes reaching ``offset`` of any file whose name starts so
+fail (a fetch's temporary file has a random name after the digest).
 """
 
 from __future__ import annotations
@@ -95,10 +97,15 @@ class FaultyFs:
 
     def fail_reads(self, name: str, offset: int) -> None:
         """From now on, reads of files named ``name`` reaching ``offset`` fail."""
-        self.control.write_text(f"{name} {offset}\n")
+        self.control.write_text(f"read {name} {offset}\n")
+
+    def fail_writes(self, prefix: str, offset: int) -> None:
+        """From now on, writes reaching ``offset`` of files whose name
+        starts with ``prefix`` fail."""
+        self.control.write_text(f"write {prefix} {offset}\n")
 
     def heal(self) -> None:
-        """Every read succeeds again."""
+        """Every read and write succeeds again."""
         self.control.unlink(missing_ok=True)
 
     def log_text(self) -> str:
@@ -198,12 +205,15 @@ class _Passthrough:
         return os.open(self._real(path), os.O_RDWR | os.O_CREAT, mode)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        bad = _bad_offset(self._control, os.path.basename(path))
+        bad = _bad_offset(self._control, "read", os.path.basename(path))
         if bad is not None and offset + size > bad:
             raise OSError(errno.EIO, "bad sector")
         return os.pread(fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        bad = _bad_offset(self._control, "write", os.path.basename(path))
+        if bad is not None and offset + len(data) > bad:
+            raise OSError(errno.EIO, "bad sector")
         return os.pwrite(fh, data, offset)
 
     def flush(self, path: str, fh: int) -> None:
@@ -229,14 +239,19 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
     )
 
 
-def _bad_offset(control: Path, name: str) -> int | None:
+def _bad_offset(control: Path, operation: str, name: str) -> int | None:
     try:
         lines = control.read_text().splitlines()
     except FileNotFoundError:
         return None
     for line in lines:
-        bad_name, offset = line.split()
-        if bad_name == name:
+        bad_operation, bad_name, offset = line.split()
+        if bad_operation != operation:
+            continue
+        matches = (
+            name.startswith(bad_name) if operation == "write" else name == bad_name
+        )
+        if matches:
             return int(offset)
     return None
 

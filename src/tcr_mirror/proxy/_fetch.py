@@ -41,7 +41,9 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -414,17 +416,21 @@ def _as_registry_error(exc: Exception, digest: Digest) -> RegistryError:
 
 
 class _Pump:
-    """Receives, hashes and writes one response's body in a worker thread.
+    """Receives and hashes one response's body in a worker thread; a second
+    thread writes it.
 
-    One thread does all three for each piece, in a buffer it reuses: a
-    piece then stays in that core's cache and never crosses threads, and
-    ``recv``, sha256 and ``pwrite`` all release the GIL, so the event loop
-    sends to clients beside it. The writer lets go of the page cache far
-    behind it (:mod:`~tcr_mirror.proxy._writebehind`): writing into fresh
-    pages cost 2.9-3.4 s of CPU per GiB on this project's CI machines,
-    three times the hash.
+    The receiving thread hashes each piece right after ``recv`` put it in
+    a buffer, while it is still in that core's cache, and hands the buffer
+    to the writing thread, which writes it and lets go of the page cache
+    far behind (:mod:`~tcr_mirror.proxy._writebehind`). ``recv``, sha256
+    and ``pwrite`` all release the GIL, so the write of one piece overlaps
+    the receiving and hashing of the next, and the event loop sends to
+    clients beside both: a cold 1 GiB fetch in ``loadtest/bench_node.py``
+    went from 694-731 to 752-782 MiB/s, for the same CPU per GiB, when the
+    write left the receiving thread. A few buffers are enough: the writer
+    keeps up, and more would only hold more memory per fetch.
 
-    The thread tells the loop how far it got without waiting for it
+    The writer tells the loop how far it got without waiting for it
     (``run_sync_soon``), at most one report in flight; clients may then
     read every byte reported.
     """
@@ -437,6 +443,7 @@ class _Pump:
         self._fd = fd
         self._hasher = hasher
         self._token = trio.lowlevel.current_trio_token()
+        # Written by the writing thread only; read by the loop's reports.
         self._position = fetch.written
         self._report_due = False
 
@@ -473,28 +480,80 @@ class _Pump:
         result[0].unwrap()
 
     def _pump(self) -> None:
+        """Receive and hash; returns once the writer wrote all it was given.
+
+        A writer's error wins over the receiver's: a cut body is resumed
+        from the last byte written, which is the last byte hashed only if
+        the writer wrote everything.
+        """
+        buffers = [bytearray(_PIECE) for _ in range(_BUFFERS)]
+        free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for index in range(_BUFFERS):
+            free.put(index)
+        filled: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+        writer = threading.Thread(
+            target=self._write,
+            args=(buffers, filled, free, failed),
+            name="blob-writer",
+        )
+        writer.start()
+        try:
+            self._receive(buffers, filled, free, failed)
+        finally:
+            filled.put(None)
+            writer.join()
+            if failed:
+                raise failed[0]
+
+    def _receive(
+        self,
+        buffers: list[bytearray],
+        filled: queue.SimpleQueue[tuple[int, int] | None],
+        free: queue.SimpleQueue[int | None],
+        failed: list[BaseException],
+    ) -> None:
         size = self._fetch.size
         assert size is not None
-        write_behind = WriteBehind(self._position)
-        buffer = bytearray(_PIECE)
-        with memoryview(buffer) as whole:
-            while self._position < size:
+        received = self._position
+        while received < size and not failed:
+            index = free.get()
+            if index is None:  # the writer failed
+                return
+            with memoryview(buffers[index]) as whole:
                 # One byte more than the blob may still hold is asked for,
                 # so that a body longer than the blob is noticed.
-                view = whole[: min(_PIECE, size - self._position + 1)]
+                view = whole[: min(_PIECE, size - received + 1)]
                 count = self._response.read_into(view)
-                if not count:
-                    return
-                if self._position + count > size:
+                if received + count > size:
                     raise UpstreamUnavailable(
                         "upstream sent more bytes than the blob's size"
                     )
-                piece = view[:count]
-                self._hasher.update(piece)
-                while piece:
-                    written = os.pwrite(self._fd, piece, self._position)
-                    self._position += written
-                    piece = piece[written:]
+                self._hasher.update(view[:count])
+            if not count:
+                return
+            received += count
+            filled.put((index, count))
+
+    def _write(
+        self,
+        buffers: list[bytearray],
+        filled: queue.SimpleQueue[tuple[int, int] | None],
+        free: queue.SimpleQueue[int | None],
+        failed: list[BaseException],
+    ) -> None:
+        """The writing thread: every filled buffer, in order, until None."""
+        write_behind = WriteBehind(self._position)
+        try:
+            while (item := filled.get()) is not None:
+                index, count = item
+                with memoryview(buffers[index]) as whole:
+                    piece = whole[:count]
+                    while piece:
+                        written = os.pwrite(self._fd, piece, self._position)
+                        self._position += written
+                        piece = piece[written:]
+                free.put(index)
                 for advised in write_behind.advance(self._position).ranges():
                     # Advice only: a filesystem that refuses it loses nothing.
                     with contextlib.suppress(OSError):
@@ -507,6 +566,9 @@ class _Pump:
                 if not self._report_due:
                     self._report_due = True
                     self._call_soon(self._report)
+        except BaseException as exc:
+            failed.append(exc)
+            free.put(None)  # wakes a receiver waiting for a buffer
 
     def _call_soon(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(trio.RunFinishedError):
@@ -523,6 +585,9 @@ class _Pump:
 # Bytes one read may bring: large pieces make the per-piece costs (a hash
 # call, a write, a report to the loop) small next to the copying.
 _PIECE = 1 << 20
+# Buffers of one fetch: one being received into, one being written, one
+# to spare.
+_BUFFERS = 3
 
 
 async def _absorb(

@@ -12,11 +12,11 @@ The connection is a blocking socket (``ssl`` for HTTPS, which every real
 upstream speaks) read in worker threads, never on the event loop:
 
 * :meth:`RawResponse.read_into` is for a caller that is itself a worker
-  thread: a blob fetch receives, hashes and writes each piece in one
-  thread of its own (see :mod:`~tcr_mirror.proxy._fetch`), so a piece
-  never crosses threads. Measured here this cost 0.3 s of CPU less per
-  GiB than receiving on the loop and handing pieces to a writer thread
-  and a hasher thread.
+  thread: a blob fetch receives and hashes each piece in one thread of
+  its own, while the piece is still in that core's cache, and writes it
+  from a second (see :mod:`~tcr_mirror.proxy._fetch`). Measured here,
+  receiving on the loop and handing pieces to a hasher thread cost 0.3 s
+  of CPU more per GiB.
 * trio's ``SSLStream`` would hand out one TLS record (16 KiB at most) per
   call, each a trip through the event loop: it cost 3.5 s of CPU per GiB
   on its own and capped a fetch at about 50 MiB/s.
