@@ -802,6 +802,35 @@ def test_a_dangling_hosts_toml_symlink_is_refused_and_kept(
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_hosts_toml_that_is_no_regular_file_is_refused_and_kept(
+    tmp_path: Path, kind: str
+) -> None:
+    # Run as its own process: a read of a FIFO without a writer would hang
+    # this test rather than fail it.
+    hosts = tmp_path / "ghcr.io" / "hosts.toml"
+    hosts.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(hosts)
+    else:
+        hosts.mkdir()
+    before = _snapshot(tmp_path)
+    command = ["containerd-config", "--certs-dir", str(tmp_path)]
+    command += ["--mirror", MIRROR, "ghcr.io"]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tcr_mirror", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    [line] = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert f"{hosts} is not a regular file" in line
+    assert _snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("foreign", UNREADABLE)
 def test_an_unreadable_foreign_file_is_a_one_line_error_and_kept(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], foreign: bytes

@@ -21,6 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._errors import HostsConfigError
 from ._steps import _HOSTS_NAME, BACKUP_NAME
 
 _TMP_PREFIX = ".tcr-mirror-tmp-"
@@ -58,10 +59,30 @@ class _HostDir:
 
 
 def _read(path: Path) -> bytes | None:
+    """The file's bytes, or None if there is none.
+
+    Raises:
+        HostsConfigError: It is not a regular file (a FIFO would block the
+            read for ever, a directory cannot be read); containerd could
+            not read it either.
+    """
     try:
-        return path.read_bytes()
+        # Non-blocking, so that opening a FIFO with no writer returns.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise HostsConfigError(
+            f"{path} is not a regular file; replace it with one or remove it"
+        )
+    with open(fd, "rb") as file:
+        return file.read()
 
 
 def _temp_path(directory: Path) -> Path:
