@@ -8,11 +8,15 @@ a drain, connections past the limit).
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +26,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from tcr_mirror._logging import JsonFormatter, _AcceptFailures
 from tcr_mirror.proxy._http import (
     _HEAD_TIMEOUT,
     _IDLE_TIMEOUT,
@@ -341,17 +346,36 @@ async def test_a_drain_with_a_request_pipelined_behind_a_big_body_cuts_nothing(
 # Logs.
 
 
-def test_trio_s_own_log_lines_are_json_too() -> None:
-    script = (
-        "import logging\n"
-        "from tcr_mirror._logging import configure_logging\n"
-        "configure_logging('info')\n"
-        "try:\n"
-        "    raise OSError(24, 'Too many open files')\n"
-        "except OSError:\n"
-        "    logging.getLogger('trio.serve_listeners').error(\n"
-        "        'accept returned EMFILE', exc_info=True)\n"
-    )
+def test_accepts_failing_for_want_of_descriptors_log_one_json_line() -> None:
+    # A real trio server whose process has no descriptor left: trio's
+    # accept loop fails and retries every 0.1 s, logging each time.
+    script = """
+import os, resource, socket, trio
+from tcr_mirror._logging import configure_logging
+
+configure_logging("info")
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    address = listeners[0].socket.getsockname()
+    held = []
+    try:
+        while True:
+            held.append(os.dup(0))
+    except OSError:
+        pass
+    os.close(held.pop())
+    client = socket.create_connection(address)  # the last descriptor
+    async def handler(stream):
+        await stream.aclose()
+    with trio.move_on_after(2):
+        await trio.serve_listeners(handler, listeners)
+    client.close()
+
+trio.run(main)
+"""
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -359,11 +383,43 @@ def test_trio_s_own_log_lines_are_json_too() -> None:
         timeout=60,
         check=True,
     )
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1
-    event = json.loads(lines[0])
+
+    # About 20 failures in 2 s, one line.
+    [line] = result.stderr.splitlines()
+    event = json.loads(line)
     assert event["logger"] == "trio.serve_listeners"
     assert event["level"] == "error"
+    assert event["event"] == "accept_failed"
+    assert event["errno"] == "EMFILE"
+    assert event["reason"] == "Too many open files"
+    assert event["failures"] == 1
+    assert "traceback" not in event
+
+
+def test_repeated_accept_failures_are_counted_in_the_next_line() -> None:
+    handler_output = io.StringIO()
+    logger = logging.getLogger("test.accept_failures")
+    handler = logging.StreamHandler(handler_output)
+    handler.setFormatter(JsonFormatter())
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.filters[:] = [_AcceptFailures(interval=0.2)]
+    error = OSError(errno.ENFILE, os.strerror(errno.ENFILE))
+
+    def fail(count: int) -> None:
+        for _ in range(count):
+            try:
+                raise error
+            except OSError:
+                logger.error("accept returned %s", "ENFILE", exc_info=True)
+
+    fail(5)
+    time.sleep(0.3)
+    fail(3)
+
+    events = [json.loads(line) for line in handler_output.getvalue().splitlines()]
+    assert [e["failures"] for e in events] == [1, 5]
+    assert {e["errno"] for e in events} == {"ENFILE"}
 
 
 def test_the_node_takes_the_hard_limit_on_open_files() -> None:
