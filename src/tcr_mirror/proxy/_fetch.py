@@ -486,41 +486,28 @@ class _Pump:
         from the last byte written, which is the last byte hashed only if
         the writer wrote everything.
         """
-        buffers = [bytearray(_PIECE) for _ in range(_BUFFERS)]
-        free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        for index in range(_BUFFERS):
-            free.put(index)
-        filled: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        failed: list[BaseException] = []
+        handoff = _Handoff()
         writer = threading.Thread(
-            target=self._write,
-            args=(buffers, filled, free, failed),
-            name="blob-writer",
+            target=self._write, args=(handoff,), name="blob-writer"
         )
         writer.start()
         try:
-            self._receive(buffers, filled, free, failed)
+            self._receive(handoff)
         finally:
-            filled.put(None)
+            handoff.filled.put(None)
             writer.join()
-            if failed:
-                raise failed[0]
+            if handoff.failed:
+                raise handoff.failed[0]
 
-    def _receive(
-        self,
-        buffers: list[bytearray],
-        filled: queue.SimpleQueue[tuple[int, int] | None],
-        free: queue.SimpleQueue[int | None],
-        failed: list[BaseException],
-    ) -> None:
+    def _receive(self, handoff: _Handoff) -> None:
         size = self._fetch.size
         assert size is not None
         received = self._position
-        while received < size and not failed:
-            index = free.get()
+        while received < size and not handoff.failed:
+            index = handoff.free.get()
             if index is None:  # the writer failed
                 return
-            with memoryview(buffers[index]) as whole:
+            with memoryview(handoff.buffers[index]) as whole:
                 # One byte more than the blob may still hold is asked for,
                 # so that a body longer than the blob is noticed.
                 view = whole[: min(_PIECE, size - received + 1)]
@@ -533,27 +520,21 @@ class _Pump:
             if not count:
                 return
             received += count
-            filled.put((index, count))
+            handoff.filled.put((index, count))
 
-    def _write(
-        self,
-        buffers: list[bytearray],
-        filled: queue.SimpleQueue[tuple[int, int] | None],
-        free: queue.SimpleQueue[int | None],
-        failed: list[BaseException],
-    ) -> None:
+    def _write(self, handoff: _Handoff) -> None:
         """The writing thread: every filled buffer, in order, until None."""
         write_behind = WriteBehind(self._position)
         try:
-            while (item := filled.get()) is not None:
+            while (item := handoff.filled.get()) is not None:
                 index, count = item
-                with memoryview(buffers[index]) as whole:
+                with memoryview(handoff.buffers[index]) as whole:
                     piece = whole[:count]
                     while piece:
                         written = os.pwrite(self._fd, piece, self._position)
                         self._position += written
                         piece = piece[written:]
-                free.put(index)
+                handoff.free.put(index)
                 for advised in write_behind.advance(self._position).ranges():
                     # Advice only: a filesystem that refuses it loses nothing.
                     with contextlib.suppress(OSError):
@@ -567,8 +548,8 @@ class _Pump:
                     self._report_due = True
                     self._call_soon(self._report)
         except BaseException as exc:
-            failed.append(exc)
-            free.put(None)  # wakes a receiver waiting for a buffer
+            handoff.failed.append(exc)
+            handoff.free.put(None)  # wakes a receiver waiting for a buffer
 
     def _call_soon(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(trio.RunFinishedError):
@@ -588,6 +569,28 @@ _PIECE = 1 << 20
 # Buffers of one fetch: one being received into, one being written, one
 # to spare.
 _BUFFERS = 3
+
+
+class _Handoff:
+    """The buffers of one response, passed between its receiving thread
+    and its writing thread.
+
+    Attributes:
+        buffers: :data:`_BUFFERS` pieces' worth of memory, reused.
+        free: Indexes of buffers the receiver may fill; None once the
+            writer failed.
+        filled: ``(index, bytes)`` of buffers to write, in order; None
+            once the receiver is done.
+        failed: The writer's error, if it had one.
+    """
+
+    def __init__(self) -> None:
+        self.buffers = [bytearray(_PIECE) for _ in range(_BUFFERS)]
+        self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for index in range(_BUFFERS):
+            self.free.put(index)
+        self.filled: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.failed: list[BaseException] = []
 
 
 async def _absorb(
