@@ -5,7 +5,10 @@ announces, so every request hangs. ``ab -i`` speaks HTTP/1.0, which the
 mirror (h11) answers without keep-alive. This client holds ``CONNECTIONS``
 keep-alive HTTP/1.1 connections in one process with ``selectors``, sends
 the next request on a connection as soon as the previous answer is in, and
-prints ``{"requests": n, "errors": n, "seconds": s}``. Run two of them for
+prints ``{"requests": n, "errors": n, "seconds": s}``. Errors are answers
+of 400 and above, and requests still unanswered at the end after waiting
+longer than :data:`_STALLED` (a server that stopped answering a connection
+must not pass for one that merely served fewer requests). Run two of them for
 16 connections on two cores.
 
 ``python -I -S _rate.py HOST PORT PATH METHOD ACCEPT SECONDS CONNECTIONS``
@@ -21,6 +24,9 @@ import sys
 import time
 
 _MAX_CONNECTIONS = 256
+# A request unanswered for this long when the run ends counts as an error;
+# one sent just before the end is only in flight.
+_STALLED = 1.0
 
 
 class _Connection:
@@ -30,10 +36,12 @@ class _Connection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request = request
         self.buffer = b""
+        self.sent_at = 0.0
 
     def send(self) -> None:
         # A request of a few hundred bytes always fits an empty send buffer.
         self.sock.send(self.request)
+        self.sent_at = time.monotonic()
 
     def receive(self, head_only: bool) -> int | None:
         """Reads what arrived; returns a status once a whole response is in."""
@@ -83,7 +91,9 @@ def main() -> int:
             requests += 1
             errors += status >= 400
             connection.send()
-    elapsed = time.monotonic() - start
+    end = time.monotonic()
+    elapsed = end - start
+    errors += sum(end - c.sent_at > _STALLED for c in connections)
     for connection in connections:
         connection.sock.close()
     print(json.dumps({"requests": requests, "errors": errors, "seconds": elapsed}))

@@ -501,23 +501,41 @@ def upstream_blob_gets(bench: Bench, blob: Blob, since: int) -> tuple[int, int]:
 def cold_fanout(bench: Bench, clients: int = 32) -> tuple[Mirror, Registry]:
     """32 clients at once, mid blob not yet cached: upstream GETs and wall time.
 
-    Returns the mirror and the proxy registry, which now hold the blob.
+    Each round starts an empty mirror and an empty proxy registry, in
+    turns; the wall time is the median over the rounds, and the GETs and
+    bytes are the most any round made (each must be exactly one GET).
+
+    Returns the last mirror and proxy registry, which now hold the blob.
     """
     blob = bench.upstream.blobs["mid"]
     log(f"{clients} clients, cold {blob.size // MIB} MiB")
-    results: dict[str, tuple[float, int, int]] = {}
-    servers: dict[str, Any] = {}
-    for name, start in (("mirror", bench.new_mirror), ("proxy", bench.new_proxy)):
-        server = start()
-        servers[name] = server
-        results[name] = fanout_round(bench, server, blob, clients)
-    servers["mirror"].sample_rss()
+    walls: dict[str, list[float]] = {"mirror": [], "proxy": []}
+    gets: dict[str, list[int]] = {"mirror": [], "proxy": []}
+    sent: dict[str, list[int]] = {"mirror": [], "proxy": []}
+    mirror: Mirror | None = None
+    proxy: Registry | None = None
+    for _ in range(bench.sizes.repeats):
+        if mirror is not None and proxy is not None:
+            bench.retire(mirror)
+            bench.retire_proxy(proxy)
+        mirror, proxy = bench.new_mirror(), bench.new_proxy()
+        for name, server in (("mirror", mirror), ("proxy", proxy)):
+            wall, count, size = fanout_round(bench, server, blob, clients)
+            walls[name].append(wall)
+            gets[name].append(count)
+            sent[name].append(size)
+        mirror.sample_rss()
+    assert mirror is not None
+    assert proxy is not None
 
-    (m_wall, m_gets, m_bytes), (p_wall, p_gets, p_bytes) = (
-        results["mirror"],
-        results["proxy"],
+    m_wall, p_wall = median(walls["mirror"]), median(walls["proxy"])
+    m_gets, p_gets = max(gets["mirror"]), max(gets["proxy"])
+    m_bytes, p_bytes = max(sent["mirror"]), max(sent["proxy"])
+    passed = (
+        set(gets["mirror"]) == {1}
+        and set(sent["mirror"]) == {blob.size}
+        and m_wall < p_wall
     )
-    passed = m_gets == 1 and m_bytes == blob.size and m_wall < p_wall
     bench.rows.append(
         Row(
             f"{clients} clients, {blob.size // MIB} MiB blob not cached",
@@ -534,10 +552,11 @@ def cold_fanout(bench: Bench, clients: int = 32) -> tuple[Mirror, Registry]:
                 "proxy_wall": p_wall,
                 "proxy_gets": p_gets,
                 "proxy_bytes": p_bytes,
+                "rounds": {"wall": walls, "gets": gets, "bytes": sent},
             },
         ),  # fmt: skip
     )
-    return servers["mirror"], servers["proxy"]
+    return mirror, proxy
 
 
 def fanout_round(
@@ -608,9 +627,10 @@ def request_rates(bench: Bench, mirror: Mirror, proxy: Registry) -> None:
 def rate_passed(rates: dict[str, float], errors: dict[str, int]) -> bool:
     """Whether the mirror answered at least as fast as the proxy registry.
 
-    A mirror that answered nothing (no errors either: a request still
-    waiting at the end is not counted) fails, even against a proxy
-    registry that did no better.
+    A mirror that answered nothing fails, even against a proxy registry
+    that did no better; so does one that left a request unanswered for
+    more than a second (``_rate.py`` counts that as an error; wrk, for
+    the GET, counts its own timeouts).
     """
     if rates["mirror"] <= 0 or errors["mirror"]:
         return False

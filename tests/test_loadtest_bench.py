@@ -6,8 +6,11 @@ how it fails, not how fast anything is.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -104,6 +107,33 @@ def test_a_rate_run_with_no_answer_does_not_pass() -> None:
     assert bench_node.rate_passed({"mirror": 4e3, "proxy": 1e3}, none)
     assert not bench_node.rate_passed(
         {"mirror": 4e3, "proxy": 1e3}, {**none, "mirror": 1}
+    )
+
+
+def test_requests_left_unanswered_count_as_rate_errors() -> None:
+    # A server that takes connections and requests but never answers.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                held.append(listener.accept()[0])
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        result = _load.run_rate_clients(
+            listener.getsockname()[1], "/v2/", connections=4, processes=2, seconds=2
+        )
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()
+
+    assert result.errors == 4
+    assert not bench_node.rate_passed(
+        {"mirror": result.rate, "proxy": 0.0}, {"mirror": result.errors, "proxy": 0}
     )
 
 
