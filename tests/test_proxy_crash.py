@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
 from support.pull import Pulled, pull
 from support.registry import Registry
+from support.waiting import wait_until
 from tcr_mirror.proxy._store import BlobStore
 
 REPO = "crash/app"
@@ -43,8 +43,7 @@ LAYERS = 8
 CLIENTS_PER_BLOB = 3
 # Body bytes a stalled fetch gets before the upstream goes quiet.
 STALL_AFTER = MIB
-# Generous bounds on waits for the daemon; outcomes are asserted, not times.
-WAIT = 30.0
+# A generous bound on a client's waits; outcomes are asserted, not times.
 CLIENT_TIMEOUT = 30.0
 
 
@@ -138,19 +137,8 @@ def index_of(node: NodeProcess) -> dict[str, int]:
         store.close()
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def count_events(node: NodeProcess, name: str, offset: int = 0) -> int:
-    return sum(1 for e in node.events(offset) if e.get("event") == name)
-
-
 def recovered_event(node: NodeProcess, offset: int) -> dict[str, Any]:
-    events = [e for e in node.events(offset) if e.get("event") == "store_recovered"]
+    events = node.events_named("store_recovered", offset)
     assert len(events) == 1, events
     return events[0]
 
@@ -247,7 +235,7 @@ def test_kill_while_fetching_then_restart_recovers(
         if moment in ("first_done", "all_done"):
             want = 1 if moment == "first_done" else LAYERS
             wait_until(
-                lambda: count_events(node, "blob_fetch_done") >= want,
+                lambda: len(node.events_named("blob_fetch_done")) >= want,
                 f"{want} fetches to finish",
             )
         else:

@@ -15,11 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +27,7 @@ from support.images import PushedImage, push_image
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
 from support.registry import Registry
+from support.waiting import wait_until
 from tcr_mirror.proxy._daemon import _METRICS_MAX_CONNECTIONS
 
 WAIT = 30.0
@@ -189,19 +188,8 @@ def test_the_metrics_port_takes_few_connections_and_the_mirror_serves_on(
 # -- drain ----------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def events_named(node: NodeProcess, name: str) -> list[dict[str, Any]]:
-    return [e for e in node.events() if e.get("event") == name]
-
-
 def metrics_address(node: NodeProcess) -> str:
-    (event,) = events_named(node, "metrics_listening")
+    (event,) = node.events_named("metrics_listening")
     return str(event["address"])
 
 
@@ -268,7 +256,7 @@ def signal_and_wait_for_drain(node: NodeProcess, signum: int = signal.SIGTERM) -
     assert process is not None
     process.send_signal(signum)
     wait_until(
-        lambda: bool(events_named(node, "node_draining")) or process.poll() is not None,
+        lambda: bool(node.events_named("node_draining")) or process.poll() is not None,
         "the drain",
     )
 
@@ -304,9 +292,9 @@ def test_sigterm_lets_a_body_in_flight_finish_and_exits_zero(
     assert httpx.get(f"{metrics}/healthz", timeout=WAIT).status_code == 200
     assert client.read_to_end() == data
     assert exit_status(node) == 0
-    (stopped,) = events_named(node, "node_stopped")
+    (stopped,) = node.events_named("node_stopped")
     assert stopped["drained"] is True
-    assert not events_named(node, "node_drain_timed_out")
+    assert not node.events_named("node_drain_timed_out")
 
 
 def test_sigterm_lets_a_fetch_from_a_slow_upstream_finish_and_keeps_the_blob(
@@ -343,7 +331,7 @@ def test_a_second_signal_cuts_the_drain(
     node.process.send_signal(signal.SIGTERM)
     assert exit_status(node) == 0
     assert len(client.read_to_end()) < len(data)
-    (cut,) = events_named(node, "node_drain_cut")
+    (cut,) = node.events_named("node_drain_cut")
     assert (cut["signal"], cut["responses_in_flight"]) == ("SIGTERM", 1)
 
 
@@ -358,6 +346,6 @@ def test_the_drain_timeout_cuts_the_drain(
     signal_and_wait_for_drain(node)
     assert exit_status(node) == 0
     assert len(client.read_to_end()) < len(data)
-    (timed_out,) = events_named(node, "node_drain_timed_out")
+    (timed_out,) = node.events_named("node_drain_timed_out")
     assert (timed_out["drain_timeout"], timed_out["responses_in_flight"]) == (0.5, 1)
-    assert events_named(node, "node_stopped")[0]["drained"] is False
+    assert node.events_named("node_stopped")[0]["drained"] is False

@@ -23,11 +23,9 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,7 +33,7 @@ from support.filesystems import mounted_tmpfs
 from support.images import PushedImage, push_image
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
-from support.pull import Pulled, pull
+from support.pull import HeldReader, Pulled, assert_got_blob, pull
 from support.registry import Registry
 from tcr_mirror.proxy._store import BlobStore
 
@@ -112,12 +110,6 @@ def blob_path(digest: str) -> str:
     return f"/v2/{REPO}/blobs/{digest}"
 
 
-def assert_got(pulled: Pulled, digest: str) -> None:
-    assert pulled.status == 200, pulled.body[:300]
-    assert pulled.complete
-    assert digest_of(pulled.body) == digest
-
-
 def assert_clean_failure(pulled: Pulled, data: bytes) -> None:
     """An OCI error before the head, or a right body cut short after it."""
     if pulled.status == 200:
@@ -127,48 +119,6 @@ def assert_clean_failure(pulled: Pulled, data: bytes) -> None:
     else:
         assert pulled.status >= 500, pulled.status
         assert pulled.error_code()
-
-
-class SlowReader:
-    """A GET whose client reads the head and then stops reading.
-
-    A tiny receive buffer keeps the daemon blocked on sending the body until
-    :meth:`finish` reads it.
-    """
-
-    def __init__(self, node: NodeProcess, digest: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(CLIENT_TIMEOUT)
-        self.sock.connect((node.host, node.port))
-        request = (
-            f"GET {blob_path(digest)} HTTP/1.1\r\nHost: {node.address}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        self.sock.sendall(request.encode())
-        head = b""
-        # One byte at a time so that no body byte is taken off the socket.
-        while not head.endswith(b"\r\n\r\n") and len(head) < 16384:
-            byte = self.sock.recv(1)
-            assert byte, "the node closed before the head"
-            head += byte
-        self.status = int(head.split(b" ", 2)[1])
-        fields = dict(
-            line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line
-        )
-        self.length = int(fields[b"Content-Length"].strip())
-
-    def finish(self) -> bytes:
-        chunks: list[bytes] = []
-        received = 0
-        with self.sock:
-            while received < self.length:
-                chunk = self.sock.recv(1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                received += len(chunk)
-        return b"".join(chunks)
 
 
 # The data directory.
@@ -201,10 +151,6 @@ def free_bytes(mountpoint: Path) -> int:
 
 def hex_of(digest: str) -> str:
     return digest.split(":", 1)[1]
-
-
-def events(node: NodeProcess, name: str, offset: int = 0) -> list[dict[str, Any]]:
-    return [e for e in node.events(offset) if e.get("event") == name]
 
 
 def index_of(node: NodeProcess) -> dict[str, int]:
@@ -267,7 +213,7 @@ def test_budget_evicts_least_recently_used_and_refetches(
 
     with PeakSampler(filesystem) as sampler:
         for digest in digests:
-            assert_got(pull_blob(node, digest), digest)
+            assert_got_blob(pull_blob(node, digest), digest)
             assert sum(blob_files(node).values()) <= BUDGET
             assert temp_files(node) == []
         first_again = pull_blob(node, digests[0])
@@ -275,11 +221,11 @@ def test_budget_evicts_least_recently_used_and_refetches(
 
     # Blobs plus fetches in flight stay within the budget at every moment.
     assert sampler.peak - baseline <= BUDGET + OVERHEAD
-    evicted = {e["digest"] for e in events(node, "blob_evicted")}
+    evicted = {e["digest"] for e in node.events_named("blob_evicted")}
     assert digests[0] in evicted
     assert digests[-1] not in evicted
-    assert_got(first_again, digests[0])
-    assert_got(last_again, digests[-1])
+    assert_got_blob(first_again, digests[0])
+    assert_got_blob(last_again, digests[-1])
     fetched = upstream_gets(module_registry, digests[0], digests[-1]) - asked
     assert fetched == (2, 1), "only the evicted blob is fetched again"
     assert sum(blob_files(node).values()) <= BUDGET
@@ -293,7 +239,7 @@ def test_blob_larger_than_the_budget_is_an_oci_error(
 ) -> None:
     node = node_factory(*budget_args())
     kept, _ = small.layers[0]
-    assert_got(pull_blob(node, kept), kept)
+    assert_got_blob(pull_blob(node, kept), kept)
     big, big_data = oversized.layers[0]
 
     refused = pull_blob(node, big)
@@ -304,7 +250,7 @@ def test_blob_larger_than_the_budget_is_an_oci_error(
     assert temp_files(node) == []
     assert hex_of(big) not in blob_files(node)
     # The daemon keeps serving, and the same request is refused again.
-    assert_got(pull_blob(node, kept), kept)
+    assert_got_blob(pull_blob(node, kept), kept)
     assert pull_blob(node, big).status == refused.status
     assert len(big_data) > BUDGET
 
@@ -318,14 +264,14 @@ def test_blob_larger_than_the_budget_evicts_nothing(
     node = node_factory(*budget_args())
     kept, _ = small.layers[0]
     asked = upstream_gets(module_registry, kept)
-    assert_got(pull_blob(node, kept), kept)
+    assert_got_blob(pull_blob(node, kept), kept)
 
     assert pull_blob(node, oversized.layers[0][0]).status >= 500
 
     # A blob that can never fit is no reason to empty the store.
-    assert events(node, "blob_evicted") == []
+    assert node.events_named("blob_evicted") == []
     assert hex_of(kept) in blob_files(node)
-    assert_got(pull_blob(node, kept), kept)
+    assert_got_blob(pull_blob(node, kept), kept)
     assert upstream_gets(module_registry, kept) - asked == (1,)
 
 
@@ -335,26 +281,26 @@ def test_blob_being_sent_to_a_slow_client_is_not_evicted(
     node = node_factory(*budget_args())
     (held, held_data), *others = small.layers
     asked = upstream_gets(module_registry, held)
-    assert_got(pull_blob(node, held), held)
+    assert_got_blob(pull_blob(node, held), held)
     held_file = node.data_dir / "blobs" / "sha256" / hex_of(held)[:2] / hex_of(held)
 
-    reader = SlowReader(node, held)
+    reader = HeldReader(node, blob_path(held))
     assert reader.status == 200
     assert reader.length == len(held_data)
     # Three more blobs pass the high watermark; the held one is the least
     # recently used, so only its reader keeps it.
     for digest, _ in others[:3]:
-        assert_got(pull_blob(node, digest), digest)
-    evicted = {e["digest"] for e in events(node, "blob_evicted")}
+        assert_got_blob(pull_blob(node, digest), digest)
+    evicted = {e["digest"] for e in node.events_named("blob_evicted")}
     assert others[0][0] in evicted, "the pulls did not force an eviction"
     assert held not in evicted
     assert held_file.exists()
 
-    body = reader.finish()
+    body = reader.finish().body
 
     assert len(body) == len(held_data)
     assert digest_of(body) == held
-    assert_got(pull_blob(node, held), held)
+    assert_got_blob(pull_blob(node, held), held)
     assert upstream_gets(module_registry, held) - asked == (1,)
 
 
@@ -385,17 +331,17 @@ def test_disk_full_evicts_idle_blobs_to_fit_the_next_one(
     node = node_factory()
     (stored, _), (wanted, _) = large.layers
     asked = upstream_gets(module_registry, stored, wanted)
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
     # Leave room for part of the next blob only; no budget is set.
     fill(filesystem / "filler", free_bytes(filesystem) - 4 * MIB)
 
-    assert_got(pull_blob(node, wanted), wanted)
+    assert_got_blob(pull_blob(node, wanted), wanted)
 
-    assert [e["digest"] for e in events(node, "blob_evicted")] == [stored]
+    assert [e["digest"] for e in node.events_named("blob_evicted")] == [stored]
     assert set(blob_files(node)) == {hex_of(wanted)}
     assert temp_files(node) == []
     # And back: the blob evicted is fetched again, in the room of the other.
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
     assert set(blob_files(node)) == {hex_of(stored)}
     assert upstream_gets(module_registry, stored, wanted) - asked == (2, 1)
     assert node.stop() == 0
@@ -411,40 +357,40 @@ def test_disk_full_fails_the_fetch_cleanly_and_recovers(
     node = node_factory()
     (stored, stored_data), (wanted, wanted_data) = large.layers
     asked = upstream_gets(module_registry, stored)
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
     filler = filesystem / "filler"
     # Leave room for part of the next blob only, and keep the one blob
     # that could make room busy being read.
     fill(filler, free_bytes(filesystem) - 4 * MIB)
-    reader = SlowReader(node, stored)
+    reader = HeldReader(node, blob_path(stored))
 
     failed = pull_blob(node, wanted)
 
     assert_clean_failure(failed, wanted_data)
     # The fetch claims the blob's space before the client gets a head.
     assert failed.status == 507, failed.status
-    reasons = [e.get("reason", "") for e in events(node, "blob_fetch_failed")]
+    reasons = [e.get("reason", "") for e in node.events_named("blob_fetch_failed")]
     assert any("no space" in reason for reason in reasons), reasons
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}
-    assert reader.finish() == stored_data
-    assert events(node, "blob_evicted") == []
+    assert reader.finish().body == stored_data
+    assert node.events_named("blob_evicted") == []
 
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
 
     # The index agrees with the files across a restart.
     assert node.stop() == 0
     assert index_of(node) == blob_files(node)
     offset = node.log_path.stat().st_size
     node.start()
-    (recovered,) = events(node, "store_recovered", offset)
+    (recovered,) = node.events_named("store_recovered", offset)
     assert recovered["temp_removed"] == 0
     assert recovered["entries_dropped"] == 0
     assert recovered["files_indexed"] == 0
 
     filler.unlink()
-    assert_got(pull_blob(node, wanted), wanted)
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, wanted), wanted)
+    assert_got_blob(pull_blob(node, stored), stored)
     assert set(blob_files(node)) == {hex_of(stored), hex_of(wanted)}
     assert upstream_gets(module_registry, stored) - asked == (1,)
 
@@ -454,17 +400,17 @@ def test_stored_blobs_are_served_while_the_disk_is_full(
 ) -> None:
     node = node_factory()
     (stored, _), (wanted, wanted_data) = large.layers
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
 
     fill(filesystem / "filler", None)
 
     # Reading a stored blob needs no new space; the missing one fails
     # cleanly (the stored one, being read, cannot make room), and neither
     # leaves a file behind.
-    assert_got(pull_blob(node, stored), stored)
-    reader = SlowReader(node, stored)
+    assert_got_blob(pull_blob(node, stored), stored)
+    reader = HeldReader(node, blob_path(stored))
     assert_clean_failure(pull_blob(node, wanted), wanted_data)
-    assert digest_of(reader.finish()) == stored
+    assert digest_of(reader.finish().body) == stored
     assert temp_files(node) == []
     assert set(blob_files(node)) == {hex_of(stored)}
 
@@ -490,7 +436,7 @@ def test_no_inode_left_for_a_fetch_is_a_507(
     assert refused.error_code() == "UNAVAILABLE"
     assert temp_files(node) == []
     shutil.rmtree(fillers)
-    assert_got(pull_blob(node, wanted), wanted)
+    assert_got_blob(pull_blob(node, wanted), wanted)
 
 
 @pytest.mark.parametrize("filesystem", [["nr_inodes=32"]], indirect=True)
@@ -499,14 +445,14 @@ def test_no_inode_left_evicts_an_idle_blob_to_free_one(
 ) -> None:
     node = node_factory()
     (stored, _), (wanted, _) = large.layers
-    assert_got(pull_blob(node, stored), stored)
+    assert_got_blob(pull_blob(node, stored), stored)
     fillers = filesystem / "fillers"
     fillers.mkdir()
     with contextlib.suppress(OSError):
         for n in range(1000):
             (fillers / str(n)).touch()
 
-    assert_got(pull_blob(node, wanted), wanted)
+    assert_got_blob(pull_blob(node, wanted), wanted)
     assert set(blob_files(node)) == {hex_of(wanted)}
-    assert events(node, "blob_inode_made")
+    assert node.events_named("blob_inode_made")
     assert temp_files(node) == []

@@ -13,10 +13,8 @@ cut, nothing is stored, and the next request fetches the blob again.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,16 +22,15 @@ import pytest
 from support.faultproxy import FaultProxy
 from support.faultyfs import FaultyFs, unavailable_reason
 from support.images import PushedImage, push_image
-from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
-from support.pull import Pulled, pull
+from support.pull import Pulled, assert_got_blob, pull
 from support.registry import Registry
+from support.waiting import wait_until
 
 REPO = "storeeio/app"
 MIB = 1 << 20
 BAD_SECTOR = 4 * MIB
-# Outcomes are asserted, never times: these only bound the waits.
-WAIT = 30.0
+# Outcomes are asserted, never times: this only bounds the client's waits.
 CLIENT_TIMEOUT = 30.0
 
 
@@ -85,28 +82,11 @@ def blob_file(node: NodeProcess, digest: str) -> Path:
     return node.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
 
 
-def assert_got(pulled: Pulled, digest: str) -> None:
-    assert pulled.status == 200, pulled.body[:300]
-    assert pulled.complete
-    assert digest_of(pulled.body) == digest
-
-
-def events(node: NodeProcess, name: str) -> list[dict[str, Any]]:
-    return [e for e in node.events() if e.get("event") == name]
-
-
-def wait_until(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
     node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
 ) -> None:
     digest, data = image.layers[0]
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     asked = proxy.count("GET", blob_path(digest))
     faulty_fs.fail_reads(blob_file(node, digest).name, BAD_SECTOR)
 
@@ -118,8 +98,8 @@ def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
     assert len(cut.body) <= BAD_SECTOR
     assert data.startswith(cut.body)
     # Dropped by the failed send itself, for the reason the disk gave.
-    wait_until(lambda: events(node, "blob_dropped"), "the blob to be dropped")
-    (dropped,) = events(node, "blob_dropped")
+    wait_until(lambda: node.events_named("blob_dropped"), "the blob to be dropped")
+    (dropped,) = node.events_named("blob_dropped")
     assert dropped["digest"] == digest
     assert "Input/output error" in dropped["reason"], dropped
     assert not blob_file(node, digest).exists()
@@ -130,10 +110,10 @@ def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
 
     # The fetch again writes a new file, which the sector no longer spoils.
     faulty_fs.heal()
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
     assert blob_file(node, digest).stat().st_size == len(data)
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
 
 
@@ -148,8 +128,8 @@ def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
     assert not failed.complete
     assert data.startswith(failed.body)
     assert len(failed.body) <= BAD_SECTOR
-    wait_until(lambda: events(node, "blob_fetch_failed"), "the fetch to fail")
-    (failure,) = events(node, "blob_fetch_failed")
+    wait_until(lambda: node.events_named("blob_fetch_failed"), "the fetch to fail")
+    (failure,) = node.events_named("blob_fetch_failed")
     assert failure["digest"] == digest
     assert "Input/output error" in failure["reason"], failure
     assert not blob_file(node, digest).exists()
@@ -161,6 +141,6 @@ def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
     assert proxy.count("GET", blob_path(digest)) == 1
 
     faulty_fs.heal()
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == 2
     assert blob_file(node, digest).stat().st_size == len(data)

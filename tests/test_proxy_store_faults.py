@@ -17,13 +17,10 @@ import contextlib
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -32,8 +29,9 @@ from support.faultproxy import Fault, FaultKind, FaultProxy
 from support.images import PushedImage, push_image
 from support.layers import digest_of
 from support.node import NodeFactory, NodeProcess
-from support.pull import Pulled, pull
+from support.pull import HeldReader, Pulled, assert_got_blob, pull
 from support.registry import Registry
+from support.waiting import wait_until
 
 REPO = "storefaults/app"
 MIB = 1 << 20
@@ -73,60 +71,6 @@ def blob_path(digest: str) -> str:
     return f"/v2/{REPO}/blobs/{digest}"
 
 
-def assert_got(pulled: Pulled, digest: str) -> None:
-    assert pulled.status == 200, pulled.body[:300]
-    assert pulled.complete
-    assert digest_of(pulled.body) == digest
-
-
-class HeldReader:
-    """A GET whose client reads the head, then nothing until :meth:`finish`.
-
-    A tiny receive buffer keeps the node's send of the body waiting on it.
-    """
-
-    def __init__(self, node: NodeProcess, digest: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(CLIENT_TIMEOUT)
-        self.sock.connect((node.host, node.port))
-        request = (
-            f"GET {blob_path(digest)} HTTP/1.1\r\nHost: {node.address}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        self.sock.sendall(request.encode())
-        head = b""
-        # One byte at a time, so that no body byte is taken off the socket.
-        while not head.endswith(b"\r\n\r\n") and len(head) < 16384:
-            byte = self.sock.recv(1)
-            assert byte, "the node closed before the head"
-            head += byte
-        self.status = int(head.split(b" ", 2)[1])
-        fields = dict(
-            line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line
-        )
-        self.length = int(fields[b"Content-Length"].strip())
-
-    def finish(self) -> tuple[bytes, bool]:
-        """The body's bytes, and whether all ``Content-Length`` came."""
-        chunks: list[bytes] = []
-        received = 0
-        with self.sock:
-            while received < self.length:
-                try:
-                    chunk = self.sock.recv(1 << 20)
-                except ConnectionResetError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                received += len(chunk)
-        return b"".join(chunks), received == self.length
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 # The data directory.
 
 
@@ -143,17 +87,6 @@ def temp_files(node: NodeProcess) -> list[Path]:
     return list((node.data_dir / "tmp").iterdir())
 
 
-def events(node: NodeProcess, name: str) -> list[dict[str, Any]]:
-    return [e for e in node.events() if e.get("event") == name]
-
-
-def wait_until(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 # A stored blob damaged behind the store.
 
 
@@ -161,19 +94,19 @@ def test_a_blob_cut_short_on_disk_is_fetched_again_not_served(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
     digest, data = image.layers[0]
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     with blob_file(node, digest).open("r+b") as file:
         file.truncate(len(data) // 2)
     asked = proxy.count("GET", blob_path(digest))
 
     again = pull_blob(node, digest)
 
-    assert_got(again, digest)
+    assert_got_blob(again, digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
-    (dropped,) = events(node, "blob_dropped")
+    (dropped,) = node.events_named("blob_dropped")
     assert dropped["digest"] == digest
     assert blob_file(node, digest).stat().st_size == len(data)
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
 
 
@@ -181,21 +114,21 @@ def test_a_blob_cut_short_while_it_is_sent_is_dropped_at_once(
     node: NodeProcess, proxy: FaultProxy, image: PushedImage
 ) -> None:
     digest, data = image.layers[1]
-    assert_got(pull_blob(node, digest), digest)
-    reader = HeldReader(node, digest)
+    assert_got_blob(pull_blob(node, digest), digest)
+    reader = HeldReader(node, blob_path(digest))
     assert reader.status == 200
     with blob_file(node, digest).open("r+b") as file:
         file.truncate(MIB)
 
-    body, complete = reader.finish()
+    got = reader.finish()
 
-    assert not complete
-    assert data.startswith(body)
+    assert not got.complete
+    assert data.startswith(got.body)
     # Dropped by the failed send itself, before anyone asks again.
-    wait_until(lambda: events(node, "blob_dropped"), "the blob to be dropped")
+    wait_until(lambda: node.events_named("blob_dropped"), "the blob to be dropped")
     assert not blob_file(node, digest).exists()
     asked = proxy.count("GET", blob_path(digest))
-    assert_got(pull_blob(node, digest), digest)
+    assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == asked + 1
 
 
@@ -208,7 +141,7 @@ def hold_fetch(proxy: FaultProxy, node: NodeProcess, digest: str) -> HeldReader:
     proxy.add_fault(
         Fault(FaultKind.STALL_BODY, after=MIB, times=1, path_contains=hex_of(digest))
     )
-    reader = HeldReader(node, digest)
+    reader = HeldReader(node, blob_path(digest))
     assert reader.status == 200
     wait_until(lambda: temp_files(node), "the fetch's temporary file")
     return reader
@@ -227,8 +160,8 @@ def test_a_client_whose_fetch_lost_its_file_starts_another(
     finally:
         first.close()
 
-    assert_got(second, digest)
-    assert events(node, "blob_fetch_abandoned")
+    assert_got_blob(second, digest)
+    assert node.events_named("blob_fetch_abandoned")
     assert proxy.count("GET", blob_path(digest)) == 2
     assert blob_file(node, digest).exists()
 
@@ -332,20 +265,23 @@ def test_bytes_lost_in_writeback_never_complete_a_body(
     digest, data = big.layers[0]
     # Reads from the start, but only once the fetch has ended, when the
     # file's first pages come back from the disk.
-    reader = HeldReader(node, digest)
+    reader = HeldReader(node, blob_path(digest))
     assert reader.status == 200
     assert reader.length == len(data)
 
     wait_until(
-        lambda: events(node, "blob_fetch_failed") or events(node, "blob_fetch_done"),
+        lambda: (
+            node.events_named("blob_fetch_failed")
+            or node.events_named("blob_fetch_done")
+        ),
         "the fetch to end",
     )
-    body, complete = reader.finish()
+    got = reader.finish()
 
-    if complete:
-        assert digest_of(body) == digest, "a complete body held bytes the disk lost"
-    assert not complete, "the last byte went out before the bytes were on disk"
-    (failed,) = events(node, "blob_fetch_failed")
+    if got.complete:
+        assert digest_of(got.body) == digest, "a complete body held bytes the disk lost"
+    assert not got.complete, "the last byte went out before the bytes were on disk"
+    (failed,) = node.events_named("blob_fetch_failed")
     assert "store blob" in failed["reason"], failed
     assert not blob_file(node, digest).exists()
-    assert len(body) < len(data)
+    assert len(got.body) < len(data)

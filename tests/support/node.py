@@ -121,6 +121,10 @@ class NodeProcess:
                 continue
         return events
 
+    def events_named(self, name: str, offset: int = 0) -> list[dict[str, Any]]:
+        """The JSON log events called ``name`` written since byte ``offset``."""
+        return [e for e in self.events(offset) if e.get("event") == name]
+
 
 NodeFactory = Callable[..., NodeProcess]
 """The type of the ``node_factory`` fixture and of the per-file ones wrapping it."""
