@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -47,11 +49,16 @@ class Cli:
     def audit_log(self) -> Path:
         return self.workdir / "audit.jsonl"
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Run:
+    def command(self, *args: str, audit_log: Path | None = None) -> list[str]:
+        """``tcr-mirror control`` with ``args``, against the simulator."""
+        log = self.audit_log if audit_log is None else audit_log
         command = [sys.executable, "-m", "tcr_mirror", "control"]
-        command += ["--endpoint", self.endpoint, "--audit-log", str(self.audit_log)]
+        command += ["--endpoint", self.endpoint, "--audit-log", str(log)]
+        return [*command, *args]
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Run:
         done = subprocess.run(
-            [*command, *args],
+            self.command(*args),
             env=env or sim_env(),
             cwd=self.workdir,
             capture_output=True,
@@ -69,6 +76,61 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         workdir = tmp_path_factory.mktemp("cli")
         instances = dict(sim["instances"])  # type: ignore[call-overload]
         yield Cli(str(sim["endpoint"]), instances, workdir, [])
+
+
+NODE_SECRET = "node-secret-for-cli-test"
+
+
+def node_secret_file(cli: Cli) -> Path:
+    secret_file = cli.workdir / "node-secret"
+    secret_file.write_text(NODE_SECRET + "\n")
+    return secret_file
+
+
+@dataclass
+class Serving:
+    """A running ``tcr-mirror control serve``: its ``control_serve_listening``
+    event, and the lines of its stderr so far."""
+
+    process: subprocess.Popen[str]
+    listening: dict[str, Any]
+    stderr: list[str]
+
+    @property
+    def credentials_url(self) -> str:
+        return f"http://{self.listening['listen']}/v1/credentials"
+
+
+@contextlib.contextmanager
+def serving(cli: Cli, *args: str, audit_log: Path | None = None) -> Iterator[Serving]:
+    """``control serve`` for cli-two with ``args``, once it listens; stopped
+    at the end (its stderr read on meanwhile, so that it never blocks)."""
+    command = cli.command(
+        "serve", "--listen", "127.0.0.1:0", "--registry", cli.instances["cli-two"],
+        "--node-secret-file", str(node_secret_file(cli)), *args,
+        audit_log=audit_log,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=sim_env(), stderr=subprocess.PIPE, text=True, cwd=cli.workdir
+    )
+    captured: list[str] = []
+    drain = threading.Thread(
+        target=lambda: captured.extend(proc.stderr or []), daemon=True
+    )
+    try:
+        assert proc.stderr is not None
+        ready: dict[str, Any] = {}
+        for _ in range(50):
+            line = proc.stderr.readline()
+            captured.append(line)
+            if '"control_serve_listening"' in line:
+                ready = json.loads(line)
+                break
+        assert ready, "".join(captured)
+        drain.start()
+        yield Serving(proc, ready, captured)
+    finally:
+        stop_process(proc, drain=drain)
 
 
 def assert_one_error_line(run: Run) -> None:
@@ -441,40 +503,17 @@ def test_audit_verify_names_the_tampered_line(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_serve_hands_out_tokens(cli: Cli) -> None:
-    secret_file = cli.workdir / "node-secret"
-    secret_file.write_text("node-secret-for-cli-test\n")
     rid = cli.instances["cli-two"]
-    command = [sys.executable, "-m", "tcr_mirror", "control"]
-    command += ["--endpoint", cli.endpoint, "--audit-log", str(cli.audit_log)]
-    command += ["serve", "--listen", "127.0.0.1:0", "--registry", rid]
-    command += ["--node-secret-file", str(secret_file)]
-    proc = subprocess.Popen(
-        command, env=sim_env(), stderr=subprocess.PIPE, text=True, cwd=cli.workdir
-    )
-    captured: list[str] = []
-    drain = threading.Thread(
-        target=lambda: captured.extend(proc.stderr or []), daemon=True
-    )
-    try:
-        assert proc.stderr is not None
-        ready: dict[str, object] = {}
-        for _ in range(50):
-            line = proc.stderr.readline()
-            captured.append(line)
-            if '"control_serve_listening"' in line:
-                ready = json.loads(line)
-                break
-        assert ready, "".join(captured)
-        drain.start()
+    with serving(cli) as server:
         host = "cli-two.tencentcloudcr.com"
-        assert ready["registries"] == {host: rid}
-        url = f"http://{ready['listen']}/v1/credentials"
+        assert server.listening["registries"] == {host: rid}
+        url = server.credentials_url
         good = None
         for _ in range(100):
             good = httpx.get(
                 url,
                 params={"registry": host},
-                headers={"Authorization": "Bearer node-secret-for-cli-test"},
+                headers={"Authorization": f"Bearer {NODE_SECRET}"},
             )
             if good.status_code != 503:
                 break
@@ -483,18 +522,15 @@ def test_serve_hands_out_tokens(cli: Cli) -> None:
         assert good.status_code == 200, good.text
         bad = httpx.get(url, params={"registry": host})
         assert bad.status_code == 401
-    finally:
-        stop_process(proc, drain=drain)
-    assert proc.returncode == 0
+    assert server.process.returncode == 0
     token = good.json()["password"]
-    assert token not in "".join(captured)
+    assert token not in "".join(server.stderr)
     assert token not in cli.audit_log.read_text()
-    cli.outputs += captured
+    cli.outputs += server.stderr
 
 
 def test_serve_on_a_taken_port_is_one_line(cli: Cli) -> None:
-    secret_file = cli.workdir / "node-secret"
-    secret_file.write_text("node-secret-for-cli-test\n")
+    secret_file = node_secret_file(cli)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -523,41 +559,12 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
 def test_serve_keeps_serving_when_the_audit_disk_fills(
     cli: Cli, small_filesystem: Path
 ) -> None:
-    secret_file = cli.workdir / "node-secret"
-    secret_file.write_text("node-secret-for-cli-test\n")
     audit_log = small_filesystem / "audit.jsonl"
-    command = [sys.executable, "-m", "tcr_mirror", "control"]
-    command += ["--endpoint", cli.endpoint, "--audit-log", str(audit_log)]
-    command += [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        cli.instances["cli-two"],
-    ]
     # One-hour tokens renewed every ~2 s, so renewals meet the full disk soon.
-    command += ["--node-secret-file", str(secret_file), "--renew-fraction", "0.0005"]
-    proc = subprocess.Popen(
-        command, env=sim_env(), stderr=subprocess.PIPE, text=True, cwd=cli.workdir
-    )
-    captured: list[str] = []
-    drain = threading.Thread(
-        target=lambda: captured.extend(proc.stderr or []), daemon=True
-    )
-    try:
-        assert proc.stderr is not None
-        ready: dict[str, object] = {}
-        for _ in range(50):
-            line = proc.stderr.readline()
-            captured.append(line)
-            if '"control_serve_listening"' in line:
-                ready = json.loads(line)
-                break
-        assert ready, "".join(captured)
-        drain.start()
-        url = f"http://{ready['listen']}/v1/credentials"
+    with serving(cli, "--renew-fraction", "0.0005", audit_log=audit_log) as server:
+        url = server.credentials_url
         host = "cli-two.tencentcloudcr.com"
-        auth = {"Authorization": "Bearer node-secret-for-cli-test"}
+        auth = {"Authorization": f"Bearer {NODE_SECRET}"}
 
         def credentials() -> httpx.Response:
             return httpx.get(url, params={"registry": host}, headers=auth)
@@ -568,18 +575,17 @@ def test_serve_keeps_serving_when_the_audit_disk_fills(
             time.sleep(0.05)
         fill(small_filesystem / "filler")
 
+        captured = server.stderr
         for _ in range(300):
             if any('"token_renewal_failed"' in line for line in captured):
                 break
-            if proc.poll() is not None:
+            if server.process.poll() is not None:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "".join(captured)
+        assert server.process.poll() is None, "".join(captured)
         assert any('"token_renewal_failed"' in line for line in captured)
         assert credentials().status_code == 200
-    finally:
-        stop_process(proc, drain=drain)
-    assert "Traceback" not in "".join(captured)
+    assert "Traceback" not in "".join(server.stderr)
 
 
 def test_full_audit_disk_fails_a_command_in_one_line(

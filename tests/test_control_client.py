@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -685,20 +686,25 @@ async def test_timeout_is_a_transport_error_after_retries(
     assert trio.current_time() - start == pytest.approx(5 + 0.5 + 5)
 
 
+@asynccontextmanager
+async def refused_endpoint() -> AsyncIterator[str]:
+    """An endpoint on a port bound but not listening: connections are refused."""
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 async def test_network_error_is_retried_then_raised(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound but not listening: refused
-        async with TcrClient(
-            CREDENTIALS,
-            region="ap-guangzhou",
-            endpoint=f"http://127.0.0.1:{port}",
-            max_attempts=3,
-        ) as tcr:
-            with pytest.raises(TcrTransportError) as info:
-                await tcr.call("DescribeInstances")
+    async with (
+        refused_endpoint() as endpoint,
+        TcrClient(
+            CREDENTIALS, region="ap-guangzhou", endpoint=endpoint, max_attempts=3
+        ) as tcr,
+    ):
+        with pytest.raises(TcrTransportError) as info:
+            await tcr.call("DescribeInstances")
     assert info.value.code == "ClientError.NetworkError"
 
 
@@ -784,18 +790,18 @@ async def test_write_is_repeated_when_the_connection_is_refused(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     records: list[CallRecord] = []
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound but not listening: refused
-        async with TcrClient(
+    async with (
+        refused_endpoint() as endpoint,
+        TcrClient(
             CREDENTIALS,
             region="ap-guangzhou",
-            endpoint=f"http://127.0.0.1:{port}",
+            endpoint=endpoint,
             max_attempts=3,
             on_call=records.append,
-        ) as tcr:
-            with pytest.raises(TcrTransportError) as info:
-                await tcr.call("CreateInstanceToken", {"RegistryId": MISSING})
+        ) as tcr,
+    ):
+        with pytest.raises(TcrTransportError) as info:
+            await tcr.call("CreateInstanceToken", {"RegistryId": MISSING})
     assert not info.value.outcome_unknown
     assert records[-1].attempts == 3
 
