@@ -21,6 +21,7 @@ import httpx
 import pytest
 import trio
 
+from support.loopback import LoopbackServer
 from tcr_mirror.proxy import _fetch
 from tcr_mirror.proxy._config import NodeConfig, make_upstream
 from tcr_mirror.proxy._daemon import run_node
@@ -32,22 +33,7 @@ DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 HALF = len(BLOB) // 2
 
 
-class ServedUpstream:
-    """A test upstream on 127.0.0.1: each connection goes to ``_connection``."""
-
-    port = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        raise NotImplementedError
-
-
-class PacedUpstream(ServedUpstream):
+class PacedUpstream(LoopbackServer):
     """Serves BLOB: the first half at once, the rest when released."""
 
     def __init__(self, body: bytes = BLOB) -> None:
@@ -77,7 +63,7 @@ class PacedUpstream(ServedUpstream):
 
 @asynccontextmanager
 async def mirror_of(
-    upstream: ServedUpstream, data_dir: Path, **by_namespace: ServedUpstream
+    upstream: LoopbackServer, data_dir: Path, **by_namespace: LoopbackServer
 ) -> AsyncIterator[tuple[str, trio.Nursery]]:
     """A node in front of ``upstream`` (the default) and of each upstream
     given by namespace (``?ns=<namespace>``)."""
@@ -240,7 +226,7 @@ async def test_an_empty_body_for_a_blob_that_is_not_empty_is_an_error(
     assert not list((tmp_path / "blobs").rglob(DIGEST[7:]))
 
 
-class ResizingUpstream(ServedUpstream):
+class ResizingUpstream(LoopbackServer):
     """Announces BLOB 10 bytes longer and closes, then serves it right."""
 
     def __init__(self) -> None:
@@ -290,7 +276,7 @@ async def test_a_size_that_changes_between_attempts_cuts_clients_off(
         assert again.content == BLOB
 
 
-class RefusingUpstream(ServedUpstream):
+class RefusingUpstream(LoopbackServer):
     """Holds each request until released, then answers 404."""
 
     def __init__(self) -> None:
@@ -379,7 +365,7 @@ async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
     assert not list((tmp_path / "tmp").iterdir())
 
 
-class ManifestUpstream(ServedUpstream):
+class ManifestUpstream(LoopbackServer):
     """Answers every request with one OCI manifest."""
 
     body = (
@@ -463,7 +449,7 @@ async def test_a_temporary_file_that_cannot_be_deleted_does_not_end_the_node(
     assert len(list((tmp_path / "tmp").iterdir())) == 1
 
 
-class SizedUpstream(ServedUpstream):
+class SizedUpstream(LoopbackServer):
     """Announces a blob of ``length`` bytes, then closes without a byte."""
 
     def __init__(self, length: str) -> None:

@@ -30,6 +30,7 @@ import pytest
 import trio
 
 from support.images import OCI_MANIFEST, push_image
+from support.loopback import LoopbackServer
 from support.node import NodeFactory
 from support.registry import Registry
 from support.tls import TlsFiles, make_tls_files
@@ -48,6 +49,7 @@ from tcr_mirror.proxy._upstream import (
 )
 
 CREDENTIALS = Credentials("alice", "s3cret-password")
+STATIC_CREDENTIALS = StaticCredentials(CREDENTIALS)
 BASIC = "Basic " + base64.b64encode(b"alice:s3cret-password").decode()
 BLOB_PATH = "/v2/app/blobs/sha256:" + "ab" * 32
 MANIFEST_PATH = "/v2/app/manifests/v1"
@@ -75,7 +77,7 @@ Script = Callable[[Seen], Answer]
 
 
 @dataclass
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers each request with ``script(request)``; records them all.
 
     With ``tls``, it speaks HTTPS, and also records the first bytes of
@@ -84,7 +86,6 @@ class ScriptedServer:
 
     script: Script
     tls: TlsFiles | None = None
-    port: int = 0
     seen: list[Seen] = field(default_factory=list)
     plain: list[bytes] = field(default_factory=list)
 
@@ -92,12 +93,6 @@ class ScriptedServer:
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -195,7 +190,7 @@ def redirect_blobs_to(location: Callable[[], str]) -> Script:
 
 
 @asynccontextmanager
-async def serving(*servers: ScriptedServer) -> AsyncIterator[trio.Nursery]:
+async def serving(*servers: LoopbackServer) -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as nursery:
         for server in servers:
             await nursery.start(server.serve)
@@ -255,7 +250,7 @@ async def test_a_redirect_from_https_down_to_http_is_refused(
         serving(server),
         upstream_of(
             server.url,
-            credentials=StaticCredentials(CREDENTIALS),
+            credentials=STATIC_CREDENTIALS,
             ca_file=server.tls.ca if server.tls else None,
         ) as upstream,
     ):
@@ -277,9 +272,7 @@ async def test_a_redirect_to_another_port_of_the_same_host_drops_authorization(
     )
     async with (
         serving(registry, storage),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         assert await get(upstream, BLOB_PATH, raw=raw) == 200
 
@@ -320,9 +313,7 @@ async def test_a_challenge_from_storage_gets_none_of_the_registry_s_credentials(
     )
     async with (
         serving(registry, storage, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         # The registry's challenge is known from an earlier request.
         assert await get(upstream, MANIFEST_PATH, raw=False) == 200
@@ -416,9 +407,7 @@ async def test_a_failing_token_endpoint_is_the_upstream_unavailable(
     registry = ScriptedServer(bearer_registry(realm))
     async with (
         serving(registry, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         with pytest.raises(error):
             await get(upstream, MANIFEST_PATH, raw=False)
@@ -466,9 +455,7 @@ async def test_a_token_endpoint_saying_no_leaves_the_registry_s_401() -> None:
     registry = ScriptedServer(bearer_registry(realm))
     async with (
         serving(registry, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         assert await get(upstream, MANIFEST_PATH, raw=False) == 401
 
@@ -485,9 +472,7 @@ async def test_concurrent_first_pulls_share_one_token_request() -> None:
 
     async with (
         serving(registry, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         with trio.fail_after(HANG):
             async with trio.open_nursery() as pulls:
@@ -551,9 +536,7 @@ async def test_late_401s_after_a_key_rotation_cost_one_token_request() -> None:
 
     async with (
         serving(registry, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         assert await get(upstream, MANIFEST_PATH, raw=False) == 200
         registry.rotate()
@@ -640,18 +623,11 @@ async def test_renewal_in_the_background_never_holds_a_basic_request() -> None:
 # Proxies that trickle.
 
 
-class TricklingProxy:
+class TricklingProxy(LoopbackServer):
     """Answers ``CONNECT`` with a head that never ends, a byte at a time."""
 
     def __init__(self) -> None:
-        self.port = 0
         self.connects = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -669,8 +645,7 @@ async def test_a_proxy_trickling_its_connect_answer_cannot_hold_a_pull(
     raw: bool,
 ) -> None:
     proxy = TricklingProxy()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
+    async with serving(proxy):
         policy = ProxyPolicy.configured(HttpProxy("127.0.0.1", proxy.port))
         # Each byte comes within every per-read timeout.
         timeouts = UpstreamTimeouts(connect=0.5, read=0.5)
@@ -679,7 +654,6 @@ async def test_a_proxy_trickling_its_connect_answer_cannot_hold_a_pull(
         ) as upstream:
             with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable):
                 await get(upstream, BLOB_PATH, raw=raw)
-        nursery.cancel_scope.cancel()
 
     assert proxy.connects == 1
 
@@ -702,15 +676,13 @@ async def test_a_proxy_refusing_in_words_not_ascii_is_the_upstream_unavailable(
 ) -> None:
     """A guard on httpcore and h11, which read such a reason phrase today."""
     proxy = RefusingProxy()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
+    async with serving(proxy):
         policy = ProxyPolicy.configured(HttpProxy("127.0.0.1", proxy.port))
         async with upstream_of("https://registry.example", proxies=policy) as upstream:
             with pytest.raises(
                 UpstreamUnavailable, match=f"proxy 127.0.0.1:{proxy.port}"
             ):
                 await get(upstream, BLOB_PATH, raw=raw)
-        nursery.cancel_scope.cancel()
 
     assert proxy.connects == 1
 
@@ -801,7 +773,7 @@ async def test_a_registry_on_https_naming_a_realm_in_clear_gets_no_credentials(
         serving(registry, realm),
         upstream_of(
             registry.url,
-            credentials=StaticCredentials(CREDENTIALS),
+            credentials=STATIC_CREDENTIALS,
             ca_file=registry.tls.ca,
         ) as upstream,
     ):
@@ -821,9 +793,7 @@ async def test_a_token_no_header_can_carry_is_the_upstream_unavailable(
     registry = ScriptedServer(bearer_registry(realm))
     async with (
         serving(registry, realm),
-        upstream_of(
-            registry.url, credentials=StaticCredentials(CREDENTIALS)
-        ) as upstream,
+        upstream_of(registry.url, credentials=STATIC_CREDENTIALS) as upstream,
     ):
         with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable) as raised:
             await get(upstream, BLOB_PATH, raw=raw)
