@@ -9,6 +9,11 @@ and stays up; the next client gets the whole blob, fetched again from the
 upstream (a real docker-registry behind a :class:`FaultProxy` that counts).
 A fetch whose writes fail the same way fails cleanly: its client's body is
 cut, nothing is stored, and the next request fetches the blob again.
+
+The same filesystem can also fill up behind a claim of space that
+succeeded (a thin-provisioned disk): a fetch whose writes then fail with
+``ENOSPC`` evicts idle blobs and goes on from the first byte not written;
+with nothing to evict, it fails as cleanly as the bad sector's fetch.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ CLIENT_TIMEOUT = 30.0
 def image(module_registry: Registry) -> PushedImage:
     """One layer of 8 MiB: more than the socket buffers hold."""
     return push_image(module_registry, REPO, "v1", layer_sizes=[8 * MIB])
+
+
+@pytest.fixture(scope="module")
+def other_image(module_registry: Registry) -> PushedImage:
+    """One layer of 5 MiB, to be stored first and evicted."""
+    return push_image(module_registry, REPO, "v2", layer_sizes=[5 * MIB])
 
 
 @pytest.fixture
@@ -144,3 +155,63 @@ def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
     assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == 2
     assert blob_file(node, digest).stat().st_size == len(data)
+
+
+def test_a_fetch_that_fills_the_disk_evicts_an_idle_blob_and_goes_on(
+    node: NodeProcess,
+    proxy: FaultProxy,
+    faulty_fs: FaultyFs,
+    image: PushedImage,
+    other_image: PushedImage,
+) -> None:
+    idle_digest, idle_data = other_image.layers[0]
+    assert_got_blob(pull_blob(node, idle_digest), idle_digest)
+    digest, data = image.layers[0]
+    # Room for the new blob only once half of the idle one is gone.
+    faulty_fs.limit_to(len(data) + len(idle_data) // 2)
+
+    assert_got_blob(pull_blob(node, digest), digest)
+
+    (made,) = node.events_named("blob_space_made")
+    assert made["digest"] == digest
+    assert made["freed"] == len(idle_data)
+    (resumed,) = node.events_named("blob_fetch_resumed")
+    assert resumed["digest"] == digest
+    # The writes failed once the two blobs no longer fitted, not before.
+    assert resumed["offset"] >= len(data) - len(idle_data) // 2 - MIB
+    assert proxy.count("GET", blob_path(digest), range=None) == 1
+    assert (
+        proxy.count("GET", blob_path(digest), range=f"bytes={resumed['offset']}-") == 1
+    )
+    assert blob_file(node, digest).read_bytes() == data
+    assert not blob_file(node, idle_digest).exists()
+    assert not node.events_named("blob_fetch_failed")
+    assert "Traceback" not in node.log_text()
+
+
+def test_a_fetch_that_fills_the_disk_with_nothing_to_evict_stores_nothing(
+    node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
+) -> None:
+    digest, data = image.layers[0]
+    faulty_fs.limit_to(len(data) // 2)
+
+    failed = pull_blob(node, digest)
+
+    assert not failed.complete
+    assert data.startswith(failed.body)
+    assert len(failed.body) <= len(data) // 2
+    wait_until(lambda: node.events_named("blob_fetch_failed"), "the fetch to fail")
+    (failure,) = node.events_named("blob_fetch_failed")
+    assert failure["digest"] == digest
+    assert "No space left on device" in failure["reason"], failure
+    assert not blob_file(node, digest).exists()
+    wait_until(
+        lambda: not any((node.data_dir / "tmp").iterdir()),
+        "the temporary file to be deleted",
+    )
+    assert "Traceback" not in node.log_text()
+    assert proxy.count("GET", blob_path(digest)) == 1
+
+    faulty_fs.heal()
+    assert_got_blob(pull_blob(node, digest), digest)
+    assert blob_file(node, digest).read_bytes() == data

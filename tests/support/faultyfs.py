@@ -15,7 +15,14 @@ It is mounted with ``direct_io``: no page cache stands between the node's
 A control file line is ``read <file name> <offset>``: reads of any file
 of that name that reach ``offset`` fail; or ``write <name prefix>
 <offset>``: writes reaching ``offset`` of any file whose name starts so
-fail (a fetch's temporary file has a random name after the digest).
+fail (a fetch's temporary file has a random name after the digest);
+or ``quota - <bytes>``: the files may hold that many bytes in all, writes
+past it fail with ``ENOSPC`` and ``statfs`` counts from it. A claim of
+space ahead succeeds and reserves nothing, as on a thin-provisioned disk,
+so a writer learns that the disk is full only from a write. (fusepy has
+no ``fallocate``, so glibc's ``posix_fallocate`` claims the space by
+writing one zero byte per block; with a quota, those writes are taken
+and dropped.)
 """
 
 from __future__ import annotations
@@ -104,8 +111,12 @@ class FaultyFs:
         starts with ``prefix`` fail."""
         self.control.write_text(f"write {prefix} {offset}\n")
 
+    def limit_to(self, quota: int) -> None:
+        """From now on, the files may hold ``quota`` bytes in all."""
+        self.control.write_text(f"quota - {quota}\n")
+
     def heal(self) -> None:
-        """Every read and write succeeds again."""
+        """Every read and write succeeds again; no quota."""
         self.control.unlink(missing_ok=True)
 
     def log_text(self) -> str:
@@ -170,7 +181,21 @@ class _Passthrough:
         st = os.statvfs(self._real(path))
         keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail")
         more = ("f_files", "f_ffree", "f_favail", "f_namemax")
-        return {key: getattr(st, key) for key in keys + more}
+        answer = {key: getattr(st, key) for key in keys + more}
+        quota = _quota(self._control)
+        if quota is not None:
+            free = max(0, quota - self._used_bytes())
+            answer["f_blocks"] = quota // st.f_frsize
+            answer["f_bfree"] = answer["f_bavail"] = free // st.f_frsize
+        return answer
+
+    def _used_bytes(self) -> int:
+        # Symbolic links (to a directory on another disk) are not followed.
+        return sum(
+            os.lstat(os.path.join(directory, name)).st_size
+            for directory, _, names in os.walk(self._backing)
+            for name in names
+        )
 
     def mkdir(self, path: str, mode: int) -> None:
         os.mkdir(self._real(path), mode)
@@ -214,6 +239,13 @@ class _Passthrough:
         bad = _bad_offset(self._control, "write", os.path.basename(path))
         if bad is not None and offset + len(data) > bad:
             raise OSError(errno.EIO, "bad sector")
+        quota = _quota(self._control)
+        if quota is not None and data == b"\0":
+            return 1  # a claim of space ahead: over-committed
+        if quota is not None:
+            growth = offset + len(data) - os.fstat(fh).st_size
+            if growth > 0 and self._used_bytes() + growth > quota:
+                raise OSError(errno.ENOSPC, "no space left")
         return os.pwrite(fh, data, offset)
 
     def flush(self, path: str, fh: int) -> None:
@@ -239,12 +271,23 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
     )
 
 
-def _bad_offset(control: Path, operation: str, name: str) -> int | None:
+def _control_lines(control: Path) -> list[str]:
     try:
-        lines = control.read_text().splitlines()
+        return control.read_text().splitlines()
     except FileNotFoundError:
-        return None
-    for line in lines:
+        return []
+
+
+def _quota(control: Path) -> int | None:
+    for line in _control_lines(control):
+        operation, _, quota = line.split()
+        if operation == "quota":
+            return int(quota)
+    return None
+
+
+def _bad_offset(control: Path, operation: str, name: str) -> int | None:
+    for line in _control_lines(control):
         bad_operation, bad_name, offset = line.split()
         if bad_operation != operation:
             continue

@@ -27,7 +27,10 @@ the asked ``206``, or that changes the blob's size between attempts, fails
 the fetch. Clients get a head only once the blob's disk space is claimed,
 so a full disk is an error for every one of them, not a cut body. A disk
 that is full when the space is claimed gets least recently used idle
-blobs evicted to make room, once, before the fetch is refused.
+blobs evicted to make room, once, before the fetch is refused. So does a
+disk that took the claim but fills up under the writes all the same (thin
+provisioning, copy-on-write): the fetch then goes on from the first byte
+not written, as after a cut body.
 
 Fetches are shared by digest, whatever the upstream or repository. A client
 that joined a fetch from another upstream or repository which is refused
@@ -69,7 +72,8 @@ __all__ = ["BlobFetch", "BlobFetcher", "FetchAborted"]
 logger = logging.getLogger(__name__)
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-# Resumes of one fetch before giving up on the upstream.
+# Resumes of one fetch (after a cut body or a disk that filled up) before
+# giving up.
 _MAX_RESUMES = 3
 # Room made beyond a blob's own size when the disk is full, for the index
 # and the directories that storing it writes.
@@ -324,12 +328,29 @@ class BlobFetcher:
                     raise UpstreamUnavailable(
                         f"upstream {upstream.key} broke off the blob: {exc}"
                     ) from exc
-                logger.info(
-                    "blob_fetch_resumed",
-                    extra={"digest": str(fetch.digest), "offset": fetch.written},
+            except OSError as exc:
+                # Not the claim's failure (the size is not set then): a
+                # write's, on a disk that took the claim without keeping
+                # the room for it.
+                resumes += 1
+                if (
+                    exc.errno not in NO_SPACE
+                    or fetch.size is None
+                    or resumes > _MAX_RESUMES
+                ):
+                    raise
+                self._make_room(fetch, fetch.size - fetch.written, exc)
+                # The hash ran ahead of the writes; it must cover just the
+                # bytes the file holds, the ones the resume goes on from.
+                hasher = await trio.to_thread.run_sync(
+                    _hash_file, fetch.path, fetch.written, fetch.digest.algorithm
                 )
-                continue
-            break
+            else:
+                break
+            logger.info(
+                "blob_fetch_resumed",
+                extra={"digest": str(fetch.digest), "offset": fetch.written},
+            )
 
         if hasher.hexdigest() != fetch.digest.hex:
             raise UpstreamUnavailable(
@@ -342,26 +363,30 @@ class BlobFetcher:
         Raises:
             OSError: The space cannot be claimed, even after evicting.
         """
-        # TODO: a write that fails with ENOSPC after this (a filesystem
-        # that over-commits fallocate: thin LVM, copy-on-write) still fails
-        # the fetch; it could evict and resume from the first byte not
-        # written, as a cut body does, once _Pump hashes only what it wrote.
         try:
             await _allocate(fd, size)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
-            # A quota is not in statvfs: then make room for the whole blob.
-            free = 0 if exc.errno == errno.EDQUOT else _free_bytes(fetch.path)
-            needed = max(0, size - free) + _SPACE_SLACK
-            freed = self._store.evict_bytes(needed)
-            logger.info(
-                "blob_space_made",
-                extra={"digest": str(fetch.digest), "needed": needed, "freed": freed},
-            )
-            if not freed:
-                raise
+            self._make_room(fetch, size, exc)
             await _allocate(fd, size)
+
+    def _make_room(self, fetch: BlobFetch, count: int, full: OSError) -> None:
+        """Evict idle blobs until the disk has room for ``count`` bytes more.
+
+        Raises:
+            OSError: ``full``, when no blob could be evicted.
+        """
+        # A quota is not in statvfs: then make room for all of it.
+        free = 0 if full.errno == errno.EDQUOT else _free_bytes(fetch.path)
+        needed = max(0, count - free) + _SPACE_SLACK
+        freed = self._store.evict_bytes(needed)
+        logger.info(
+            "blob_space_made",
+            extra={"digest": str(fetch.digest), "needed": needed, "freed": freed},
+        )
+        if not freed:
+            raise full
 
 
 def _remove_temp(fetch: BlobFetch) -> None:
@@ -375,6 +400,18 @@ def _remove_temp(fetch: BlobFetch) -> None:
             "blob_temp_not_deleted",
             extra={"digest": str(fetch.digest), "reason": exc.strerror},
         )
+
+
+def _hash_file(path: Path, length: int, algorithm: str) -> hashlib._Hash:
+    """The hash of the file's first ``length`` bytes."""
+    hasher = hashlib.new(algorithm)
+    with path.open("rb", buffering=0) as file:
+        while remaining := length - file.tell():
+            piece = file.read(min(_PIECE, remaining))
+            if not piece:
+                raise OSError(errno.EIO, "blob file shorter than its bytes written")
+            hasher.update(piece)
+    return hasher
 
 
 def _free_bytes(path: Path) -> int:
