@@ -216,6 +216,20 @@ async def test_temporary_key_needs_its_token(endpoint: tuple[Simulator, str]) ->
     assert _code(await _send(missing)) == "AuthFailure.TokenFailure"
 
 
+@pytest.mark.parametrize("token", [b"sts-token\xb2", b"\xb2", b"sts"])
+async def test_temporary_key_with_a_wrong_token_fails(
+    endpoint: tuple[Simulator, str], token: bytes
+) -> None:
+    base = {"secret_id": "AKIDtemporary", "secret_key": "temp-key"}
+    url, headers, body = _request(endpoint[1], **base)
+    raw: dict[str, str | bytes] = {**headers, "x-tc-token": token}
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(url, headers=raw, content=body)
+
+    assert answer.status_code == 200
+    assert _code(answer.json()["Response"]) == "AuthFailure.TokenFailure"
+
+
 async def test_unsupported_method(endpoint: tuple[Simulator, str]) -> None:
     response = await _send(_request(endpoint[1], method="PUT"), method="PUT")
     assert _code(response) == "UnsupportedProtocol"

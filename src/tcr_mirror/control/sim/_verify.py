@@ -119,7 +119,7 @@ def verify(
     timestamp = _timestamp(headers, now)
     query = target.partition("?")[2]
     _check_signature(method, query, headers, body, authorization, key, timestamp)
-    if headers.get("x-tc-token") != key.token:
+    if not _same_token(headers.get("x-tc-token"), key.token):
         raise SimError("AuthFailure.TokenFailure", "The token is invalid.")
 
     params, from_query = _params(method, query, body)
@@ -131,6 +131,18 @@ def verify(
         params=params,
         from_query=from_query,
         request_client=headers.get("x-tc-requestclient", ""),
+    )
+
+
+def _same_token(given: str | None, expected: str | None) -> bool:
+    """Whether the request's token is the key's; neither may be missing
+    alone. Compared in constant time, as a secret must be, and as bytes,
+    since ``compare_digest`` refuses non-ASCII text."""
+    if given is None or expected is None:
+        return given is expected
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"),
+        expected.encode("utf-8", "surrogateescape"),
     )
 
 
