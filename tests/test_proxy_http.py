@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -306,6 +308,37 @@ async def test_a_body_s_client_must_keep_taking_bytes_not_just_some(
 
 
 # Closing without destroying the last answer.
+
+
+async def test_a_bytes_body_counts_as_sent_only_once_it_went_out() -> None:
+    big = 32 << 20  # far more than the socket buffers hold
+    sent: list[tuple[str, int]] = []
+
+    async def manifest(request: Request) -> Response:
+        size = big if request.target == "/big" else 1000
+        return Response(200, [], b"m" * size, source="upstream")
+
+    server = HttpServer(manifest, on_sent=lambda *counted: sent.append(counted))
+    async with serving(server) as (port, _):
+        request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        taken = await exchange(port, request)
+        assert status_of(taken) == 200
+        assert sent == [("upstream", 1000)]
+
+        # A client reset after the first bytes of its answer took the rest
+        # of them never.
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(HANG):
+            assert await sock.recv(65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        with trio.fail_after(HANG):
+            while server.statistics()["connections"]:
+                await trio.sleep(0.01)
+
+    assert sent == [("upstream", 1000)]
 
 
 async def test_a_drain_with_a_request_pipelined_behind_a_big_body_cuts_nothing(

@@ -102,9 +102,14 @@ class FileBody:
 
 @dataclass
 class Response:
+    """One answer. ``source`` names where a ``bytes`` body came from
+    (``store``, ``upstream``) for the server's ``on_sent``, which counts
+    it once it went out; a file body's source is its fetch."""
+
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | FileBody = b""
+    source: str | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -116,9 +121,10 @@ class HttpServer:
     Args:
         handler: Answers one request; a :class:`RegistryError` it raises is
             answered as OCI error JSON.
-        on_sent: Called with ``(source, bytes)`` as file bodies go out;
-            the source is ``upstream`` for a blob still being fetched and
-            ``store`` otherwise.
+        on_sent: Called with ``(source, bytes)`` as file bodies go out
+            (the source is ``upstream`` for a blob still being fetched and
+            ``store`` otherwise), and once a ``bytes`` body with a source
+            went out whole.
         log_requests: Log each request at debug level (off for probes).
         quiet_paths: Paths (without query) whose requests are never logged:
             the probes, asked every few seconds.
@@ -579,6 +585,8 @@ async def _send_response(
         elif isinstance(body, bytes):
             data = connection.send(h11.Data(data=body))
             await _send_all(stream, head + data + connection.send(h11.EndOfMessage()))
+            if response.source is not None:
+                on_sent(response.source, len(body))
         else:
             await _send_all(stream, head)
             # Passthrough lets h11 frame bytes it never sees: it only takes

@@ -185,10 +185,7 @@ class Mirror:
             ("ETag", f'"{manifest.digest}"'),
             _API_VERSION,
         ]
-        if request.method != "HEAD":
-            served = self._metrics.served_bytes.labels(manifest.source)
-            served.inc(len(manifest.body))
-        return Response(200, headers, manifest.body)
+        return Response(200, headers, manifest.body, source=manifest.source)
 
     async def _manifest_by_digest(
         self, route: Route, upstream: Upstream, accept: str
