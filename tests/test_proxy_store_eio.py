@@ -18,7 +18,7 @@ with nothing to evict, it fails as cleanly as the bad sector's fetch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -128,21 +128,38 @@ def test_a_stored_blob_that_fails_to_read_is_cut_short_and_fetched_again(
     assert proxy.count("GET", blob_path(digest)) == asked + 1
 
 
+def bad_sector(faulty_fs: FaultyFs, digest: str, size: int) -> tuple[int, str]:
+    """Writes of the blob's temporary file fail from ``BAD_SECTOR`` on."""
+    faulty_fs.fail_writes(digest.split(":", 1)[1], BAD_SECTOR)
+    return BAD_SECTOR, "Input/output error"
+
+
+def full_disk(faulty_fs: FaultyFs, digest: str, size: int) -> tuple[int, str]:
+    """The disk takes the claim of space, then half the blob, nothing to evict."""
+    faulty_fs.limit_to(size // 2)
+    return size // 2, "No space left on device"
+
+
+@pytest.mark.parametrize("fault", [bad_sector, full_disk])
 def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
-    node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
+    node: NodeProcess,
+    proxy: FaultProxy,
+    faulty_fs: FaultyFs,
+    image: PushedImage,
+    fault: Callable[[FaultyFs, str, int], tuple[int, str]],
 ) -> None:
     digest, data = image.layers[0]
-    faulty_fs.fail_writes(digest.split(":", 1)[1], BAD_SECTOR)
+    written, reason = fault(faulty_fs, digest, len(data))
 
     failed = pull_blob(node, digest)
 
     assert not failed.complete
     assert data.startswith(failed.body)
-    assert len(failed.body) <= BAD_SECTOR
+    assert len(failed.body) <= written
     wait_until(lambda: node.events_named("blob_fetch_failed"), "the fetch to fail")
     (failure,) = node.events_named("blob_fetch_failed")
     assert failure["digest"] == digest
-    assert "Input/output error" in failure["reason"], failure
+    assert reason in failure["reason"], failure
     assert not blob_file(node, digest).exists()
     wait_until(
         lambda: not any((node.data_dir / "tmp").iterdir()),
@@ -154,7 +171,7 @@ def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
     faulty_fs.heal()
     assert_got_blob(pull_blob(node, digest), digest)
     assert proxy.count("GET", blob_path(digest)) == 2
-    assert blob_file(node, digest).stat().st_size == len(data)
+    assert blob_file(node, digest).read_bytes() == data
 
 
 def test_a_fetch_that_fills_the_disk_evicts_an_idle_blob_and_goes_on(
@@ -187,31 +204,3 @@ def test_a_fetch_that_fills_the_disk_evicts_an_idle_blob_and_goes_on(
     assert not blob_file(node, idle_digest).exists()
     assert not node.events_named("blob_fetch_failed")
     assert "Traceback" not in node.log_text()
-
-
-def test_a_fetch_that_fills_the_disk_with_nothing_to_evict_stores_nothing(
-    node: NodeProcess, proxy: FaultProxy, faulty_fs: FaultyFs, image: PushedImage
-) -> None:
-    digest, data = image.layers[0]
-    faulty_fs.limit_to(len(data) // 2)
-
-    failed = pull_blob(node, digest)
-
-    assert not failed.complete
-    assert data.startswith(failed.body)
-    assert len(failed.body) <= len(data) // 2
-    wait_until(lambda: node.events_named("blob_fetch_failed"), "the fetch to fail")
-    (failure,) = node.events_named("blob_fetch_failed")
-    assert failure["digest"] == digest
-    assert "No space left on device" in failure["reason"], failure
-    assert not blob_file(node, digest).exists()
-    wait_until(
-        lambda: not any((node.data_dir / "tmp").iterdir()),
-        "the temporary file to be deleted",
-    )
-    assert "Traceback" not in node.log_text()
-    assert proxy.count("GET", blob_path(digest)) == 1
-
-    faulty_fs.heal()
-    assert_got_blob(pull_blob(node, digest), digest)
-    assert blob_file(node, digest).read_bytes() == data
