@@ -140,7 +140,13 @@ def full_disk(faulty_fs: FaultyFs, digest: str, size: int) -> tuple[int, str]:
     return size // 2, "No space left on device"
 
 
-@pytest.mark.parametrize("fault", [bad_sector, full_disk])
+def stuck_disk(faulty_fs: FaultyFs, digest: str, size: int) -> tuple[int, str]:
+    """Writes of the blob's temporary file take no byte from ``BAD_SECTOR`` on."""
+    faulty_fs.take_nothing(digest.split(":", 1)[1], BAD_SECTOR)
+    return BAD_SECTOR, "took none of the bytes"
+
+
+@pytest.mark.parametrize("fault", [bad_sector, full_disk, stuck_disk])
 def test_a_fetch_whose_writes_fail_is_cut_and_stores_nothing(
     node: NodeProcess,
     proxy: FaultProxy,

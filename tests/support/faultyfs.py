@@ -16,6 +16,8 @@ A control file line is ``read <file name> <offset>``: reads of any file
 of that name that reach ``offset`` fail; or ``write <name prefix>
 <offset>``: writes reaching ``offset`` of any file whose name starts so
 fail (a fetch's temporary file has a random name after the digest);
+``stuck <name prefix> <offset>``: such writes take no byte and say so
+(they return 0, as no sane disk does);
 or ``quota - <bytes>``: the files may hold that many bytes in all, writes
 past it fail with ``ENOSPC`` and ``statfs`` counts from it. A claim of
 space ahead succeeds and reserves nothing, as on a thin-provisioned disk,
@@ -110,6 +112,11 @@ class FaultyFs:
         """From now on, writes reaching ``offset`` of files whose name
         starts with ``prefix`` fail."""
         self.control.write_text(f"write {prefix} {offset}\n")
+
+    def take_nothing(self, prefix: str, offset: int) -> None:
+        """From now on, writes reaching ``offset`` of files whose name
+        starts with ``prefix`` write nothing and return 0."""
+        self.control.write_text(f"stuck {prefix} {offset}\n")
 
     def limit_to(self, quota: int) -> None:
         """From now on, the files may hold ``quota`` bytes in all."""
@@ -239,6 +246,9 @@ class _Passthrough:
         bad = _bad_offset(self._control, "write", os.path.basename(path))
         if bad is not None and offset + len(data) > bad:
             raise OSError(errno.EIO, "bad sector")
+        stuck = _bad_offset(self._control, "stuck", os.path.basename(path))
+        if stuck is not None and offset + len(data) > stuck:
+            return 0
         quota = _quota(self._control)
         if quota is not None and data == b"\0":
             return 1  # a claim of space ahead: over-committed
@@ -291,9 +301,7 @@ def _bad_offset(control: Path, operation: str, name: str) -> int | None:
         bad_operation, bad_name, offset = line.split()
         if bad_operation != operation:
             continue
-        matches = (
-            name.startswith(bad_name) if operation == "write" else name == bad_name
-        )
+        matches = name == bad_name if operation == "read" else name.startswith(bad_name)
         if matches:
             return int(offset)
     return None

@@ -569,6 +569,11 @@ class _Pump:
                     piece = whole[:count]
                     while piece:
                         written = os.pwrite(self._fd, piece, self._position)
+                        if not written:
+                            # Asking again would loop for ever.
+                            raise OSError(
+                                errno.EIO, "the disk took none of the bytes written"
+                            )
                         self._position += written
                         piece = piece[written:]
                 handoff.free.put(index)
