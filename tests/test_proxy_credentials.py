@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -9,6 +10,7 @@ import h11
 import pytest
 import trio
 
+from support.loopback import LoopbackServer
 from tcr_mirror.proxy._credentials import ControlPlaneCredentials
 from tcr_mirror.proxy._errors import UpstreamUnavailable
 
@@ -126,3 +128,37 @@ async def test_an_expiry_past_any_float_is_malformed_not_a_crash() -> None:
         finally:
             await source.aclose()
         nursery.cancel_scope.cancel()
+
+
+class TricklingControlPlane(LoopbackServer):
+    """Answers with a head that never ends, one byte at a time."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some(65536)
+            self.requests += 1
+            head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2000
+            for byte in range(len(head)):  # about 400 s in all: bounded
+                await stream.send_all(head[byte : byte + 1])
+                await trio.sleep(0.2)
+
+
+async def test_a_control_plane_trickling_its_answer_cannot_hold_a_pull() -> None:
+    """Each byte comes within httpx's per-read timeout; the request as a
+    whole must still end within the timeout."""
+    control = TricklingControlPlane()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve)
+        source = ControlPlaneCredentials(
+            f"http://127.0.0.1:{control.port}", REGISTRY, SECRET, timeout=0.5
+        )
+        try:
+            with trio.fail_after(60), pytest.raises(UpstreamUnavailable):
+                await source.credentials()
+        finally:
+            await source.aclose()
+        nursery.cancel_scope.cancel()
+    assert control.requests == 1

@@ -71,6 +71,7 @@ class ControlPlaneCredentials:
         self._refresh_at = 0.0
         self._lock = trio.Lock()
         self._kept_fresh = False
+        self._timeout = timeout
         # The control plane is the node's neighbour: never through a proxy.
         self._client = httpx.AsyncClient(
             timeout=timeout, verify=tls_context(ca_file), trust_env=False
@@ -121,17 +122,24 @@ class ControlPlaneCredentials:
 
     async def _renew(self) -> None:
         try:
-            response = await self._client.get(
-                self._url,
-                params={"registry": self._registry},
-                headers={"Authorization": f"Bearer {self._secret}"},
-            )
+            # httpx bounds each read alone: a control plane that trickles
+            # its answer would hold the renewal, and every pull waiting for
+            # credentials, for ever.
+            with trio.fail_after(self._timeout):
+                response = await self._client.get(
+                    self._url,
+                    params={"registry": self._registry},
+                    headers={"Authorization": f"Bearer {self._secret}"},
+                )
             username, password, expires_at = _parse(response)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, trio.TooSlowError) as exc:
             self._refresh_at = trio.current_time() + self._retry
             logger.warning(
                 "control_credentials_failed",
-                extra={"registry": self._registry, "reason": str(exc)[:200]},
+                extra={
+                    "registry": self._registry,
+                    "reason": str(exc)[:200] or type(exc).__name__,
+                },
             )
             return
         if self._current is None or self._current.password != password:
