@@ -106,6 +106,21 @@ async def test_a_chunked_body_that_came_with_the_head_ends() -> None:
             await response.aclose()
 
 
+async def test_a_chunked_body_beside_a_content_length_is_read_as_chunks() -> None:
+    """RFC 9112 6.3: Transfer-Encoding overrides Content-Length, as h11
+    reads it; the chunks' framing must not end up in the blob."""
+    answer = chunked(b"abc", b"defg")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    head += b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with one_answer(head, body) as url:
+        response = await raw_get(url, {}, **TIMEOUTS)
+        try:
+            with trio.fail_after(30):
+                assert await response.aread() == b"abcdefg"
+        finally:
+            await response.aclose()
+
+
 async def test_a_chunked_body_cut_off_is_broken() -> None:
     answer = chunked(b"abc", b"defg")[: -len(b"0\r\n\r\n") - 3]
     with one_answer(answer) as url:

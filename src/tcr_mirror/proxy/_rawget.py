@@ -284,7 +284,12 @@ class RawResponse:
         self.status_code = head.status_code
         self.headers = httpx.Headers(list(head.headers))
         self.url = httpx.URL(url)
+        # Transfer-Encoding overrides Content-Length (RFC 9112 6.3), as h11
+        # frames the body: read by the length, a chunked body would keep
+        # its framing.
         length = self.headers.get("content-length", "")
+        if "transfer-encoding" in self.headers:
+            length = ""
         self._remaining: int | None = int(length) if length.isdigit() else None
         # Body bytes received but not handed out yet: those that came with
         # the head, or the rest of a chunk larger than the caller's buffer.
