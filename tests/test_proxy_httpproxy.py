@@ -216,6 +216,14 @@ def test_a_proxy_that_is_not_http_is_set_aside_not_refused(
     assert policy.ignored_for(f"{other}://tcr.example/v2/") is None
 
 
+def test_a_set_aside_proxy_s_address_shows_no_password_holding_a_slash() -> None:
+    """The address is logged at start; a base64 password holds '/', and
+    users write it unescaped."""
+    environ = {"HTTPS_PROXY": "socks5://alice:pa/s3cret@proxy:1080"}
+    (ignored,) = ProxyPolicy.from_environment(environ).ignored
+    assert ignored.address == "proxy:1080"
+
+
 def test_an_http_proxy_beside_a_set_aside_one_is_still_used() -> None:
     policy = ProxyPolicy.from_environment(
         {"HTTPS_PROXY": "socks5://proxy:1080", "HTTP_PROXY": "http://plain:3128"}

@@ -131,7 +131,9 @@ def _not_http(variable: str, applies_to: str, value: str) -> IgnoredProxy | None
     scheme, sep, rest = value.strip().partition("://")
     if not sep or scheme.lower() not in _NOT_HTTP_SCHEMES:
         return None
-    address = rest.partition("/")[0].rpartition("@")[2]
+    # User info first: a password is often written unescaped, and one
+    # holding '/' (base64 does) would otherwise end the address inside it.
+    address = rest.rpartition("@")[2].partition("/")[0]
     return IgnoredProxy(variable, applies_to, scheme.lower(), address)
 
 
