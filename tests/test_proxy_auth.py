@@ -198,7 +198,14 @@ def test_origins(url: str, expected: tuple[str, str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://host/x", "https:///path", "https://host:port/", "/relative"]
+    "url",
+    [
+        "ftp://host/x",
+        "https:///path",
+        "https://host:port/",
+        "/relative",
+        "http://[::1/",
+    ],
 )
 def test_no_origin_without_an_http_scheme_and_a_host(url: str) -> None:
     with pytest.raises(RedirectRefused):
@@ -233,6 +240,7 @@ def test_redirect_targets(url: str, location: str, expected: str) -> None:
         "http://s3.example/b?X-Amz-Signature=secret",
         "ftp://s3.example/b",
         "https://:443/no-host",
+        "https://[::1/b?X-Amz-Signature=secret",  # never closed
     ],
 )
 def test_redirects_down_from_https_or_nowhere_are_refused(location: str) -> None:

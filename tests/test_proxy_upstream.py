@@ -761,6 +761,35 @@ async def test_a_realm_only_httpx_finds_wrong_is_the_upstream_unavailable() -> N
             await get(upstream, MANIFEST_PATH, raw=False)
 
 
+# Hosts no client can name: past DNS's 63 bytes a label, an empty label,
+# an IPv6 address never closed.
+UNNAMEABLE_HOSTS = ["a" * 64 + ".example", "a..example", "[::1"]
+
+
+@both_readers
+@pytest.mark.parametrize("host", UNNAMEABLE_HOSTS)
+async def test_a_redirect_to_a_host_no_client_can_name_is_the_upstream_unavailable(
+    raw: bool, host: str
+) -> None:
+    """The encoding or parsing error went by every handler: a 500 for the
+    client and a traceback in the log."""
+    registry = ScriptedServer(redirect_blobs_to(lambda: f"http://{host}/s/1"))
+    async with serving(registry), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable):
+            await get(upstream, BLOB_PATH, raw=raw)
+
+
+@pytest.mark.parametrize("host", UNNAMEABLE_HOSTS)
+async def test_a_realm_on_a_host_no_client_can_name_is_the_upstream_unavailable(
+    host: str,
+) -> None:
+    challenge = f'Bearer realm="http://{host}/token"'
+    registry = ScriptedServer(lambda _: Answer(401, (("WWW-Authenticate", challenge),)))
+    async with serving(registry), upstream_of(registry.url) as upstream:
+        with trio.fail_after(HANG), pytest.raises(UpstreamUnavailable):
+            await get(upstream, MANIFEST_PATH, raw=False)
+
+
 async def test_a_registry_on_https_naming_a_realm_in_clear_gets_no_credentials(
     tmp_path: Path,
 ) -> None:

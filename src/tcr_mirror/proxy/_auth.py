@@ -184,14 +184,17 @@ def origin(url: str) -> tuple[str, str, int]:
         ``(scheme, host, port)``, the port filled in from the scheme.
 
     Raises:
-        RedirectRefused: The URL has no host or a port that is no number.
+        RedirectRefused: The URL has no host or a port that is no number,
+            or cannot be parsed at all.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
     try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
     except ValueError:
-        port = 0
+        # A port that is no number, or an IPv6 address never closed
+        # ("http://[::1/"), which leaves no part of the URL to show.
+        raise RedirectRefused("not an http(s) URL with a host") from None
+    scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname or not port:
         raise RedirectRefused(f"not an http(s) URL with a host: {_redacted(url)}")
     return scheme, parts.hostname.lower().rstrip("."), port
@@ -204,7 +207,10 @@ def redirect_target(url: str, location: str) -> str:
         RedirectRefused: It leads from HTTPS to plain HTTP, or nowhere a
             client can go.
     """
-    target = urljoin(url, location.strip())
+    try:
+        target = urljoin(url, location.strip())
+    except ValueError:  # as origin(): an IPv6 address never closed
+        raise RedirectRefused("redirect to no URL a client can go to") from None
     scheme = origin(target)[0]
     if origin(url)[0] == "https" and scheme != "https":
         raise RedirectRefused(

@@ -415,7 +415,9 @@ class Upstream:
             raise UpstreamUnavailable(
                 f"upstream {self.key}: proxy {where} refused: {exc}"
             ) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, UnicodeError) as exc:
+            # UnicodeError: a host no IDNA encoding takes (an empty label,
+            # one past 63 bytes), found only when it is resolved.
             raise UpstreamUnavailable(
                 f"upstream {self.key} unreachable: {type(exc).__name__}"
             ) from exc
@@ -435,7 +437,7 @@ class Upstream:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
         except ProxyRefused as exc:
             raise UpstreamUnavailable(f"upstream {self.key}: {exc}") from exc
-        except (OSError, h11.ProtocolError) as exc:
+        except (OSError, h11.ProtocolError, UnicodeError) as exc:
             raise UpstreamUnavailable(
                 f"upstream {self.key} unreachable: {type(exc).__name__}"
             ) from exc
@@ -540,7 +542,12 @@ class Upstream:
                     return response, await self._token_body(response)
                 finally:
                     await response.aclose()
-        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+        except (
+            httpx.HTTPError,
+            httpx.InvalidURL,
+            UnicodeError,
+            trio.TooSlowError,
+        ) as exc:
             if not answered:
                 self._observe(None, started)
             reason = type(exc).__name__
