@@ -189,6 +189,35 @@ def test_blob_get_head_and_ranges(registry: Registry, node: NodeProcess) -> None
         assert cached_head.headers["content-length"] == str(size)
 
 
+def test_a_head_with_a_range_is_answered_as_its_get_whether_stored_or_not(
+    registry: Registry, node: NodeProcess
+) -> None:
+    layer = bytes(range(256)) * 64
+    image = push_image(registry, "ranged", "v1", layers=[layer])
+    url = f"/v2/ranged/blobs/{image.layers[0][0]}"
+    size = len(layer)
+    ranges = ("bytes=10-19", "bytes=-5", f"bytes={size}-")
+
+    def head_of(response: httpx.Response) -> tuple[int, str | None, str | None]:
+        headers = response.headers
+        return (
+            response.status_code,
+            headers.get("content-range"),
+            headers.get("content-length"),
+        )
+
+    with httpx.Client(base_url=node.url) as client:
+        # Not stored yet: the mirror asks the upstream for the size only.
+        before = {r: head_of(client.head(url, headers={"Range": r})) for r in ranges}
+        gets = {r: head_of(client.get(url, headers={"Range": r})) for r in ranges}
+        stored = {r: head_of(client.head(url, headers={"Range": r})) for r in ranges}
+    assert gets["bytes=10-19"] == (206, f"bytes 10-19/{size}", "10")
+    assert gets["bytes=-5"] == (206, f"bytes {size - 5}-{size - 1}/{size}", "5")
+    assert gets[f"bytes={size}-"][:2] == (416, f"bytes */{size}")
+    assert before == gets
+    assert stored == gets
+
+
 def test_missing_blob_is_404(registry: Registry, node: NodeProcess) -> None:
     push_image(registry, "app", "v1")
     with httpx.Client(base_url=node.url) as client:

@@ -340,7 +340,7 @@ class Mirror:
                 if not attempt:
                     self._cache("blob", "miss")
                 if request.method == "HEAD":
-                    return await self._head_blob(route, upstream, digest)
+                    return await self._head_blob(route, upstream, digest, request)
                 fetch = self._fetcher.fetch(upstream, route.name, digest)
             elif not attempt:
                 self._cache("blob", "joined")
@@ -445,8 +445,11 @@ class Mirror:
         return Response(status, headers, FileBody(fd, first, length, release=release))
 
     async def _head_blob(
-        self, route: Route, upstream: Upstream, digest: Digest
+        self, route: Route, upstream: Upstream, digest: Digest, request: Request
     ) -> Response:
+        """The head a GET of a blob not stored would have, from the
+        upstream's size, its ``Range`` included: the same HEAD must not get
+        a 200 before the blob is stored and a 206 or 416 after."""
         path = f"/v2/{route.name}/blobs/{digest}"
         async with upstream.request("HEAD", path, repository=route.name) as r:
             if r.status_code != 200:
@@ -454,9 +457,16 @@ class Mirror:
                     r, f"blob {digest}", upstream.key, not_found=BlobUnknown
                 )
             size = r.headers.get("content-length", "")
-        if not size.isdigit():
+        # isdigit() alone takes "²", which int() refuses.
+        if not (size.isascii() and size.isdigit() and len(size) <= 19):
             raise UpstreamUnavailable(f"upstream {upstream.key} sent no blob size")
-        return Response(200, [*_blob_headers(digest), ("Content-Length", size)])
+        byte_range = parse_range(request.headers.get("range"), int(size))
+        headers = _blob_headers(digest)
+        if byte_range is None:
+            return Response(200, [*headers, ("Content-Length", size)])
+        headers.append(("Content-Range", byte_range.content_range(int(size))))
+        headers.append(("Content-Length", str(byte_range.length)))
+        return Response(206, headers)
 
     # -- tags list and referrers ----------------------------------------------
 
