@@ -307,7 +307,9 @@ class Mirror:
         async with upstream.request("GET", path, repository=name, headers=headers) as r:
             if r.status_code != 200:
                 raise status_error(r, f"manifest {name}:{reference}", upstream.key)
-            body = await _read_limited(r, _MAX_MANIFEST, upstream.key)
+            body = await _read_limited(
+                r, _MAX_MANIFEST, upstream.key, deadline=upstream.timeouts.read
+            )
             media_type = r.headers.get("content-type", "")
         # Kept and sent on as a header: it must be printable ASCII.
         if not (media_type and media_type.isascii() and media_type.isprintable()):
@@ -481,7 +483,9 @@ class Mirror:
         ) as r:
             if r.status_code != 200:
                 raise status_error(r, path, upstream.key, not_found=NameUnknown)
-            body = await _read_limited(r, _MAX_PASSTHROUGH, upstream.key)
+            body = await _read_limited(
+                r, _MAX_PASSTHROUGH, upstream.key, deadline=upstream.timeouts.read
+            )
             headers = [("Content-Type", r.headers.get("content-type", _JSON[1]))]
             link = r.headers.get("link")
         if link:
@@ -581,11 +585,18 @@ def relative_link(link: str, namespace: str | None) -> str:
     return f"<{relative}>{link[end + 1 :]}"
 
 
-async def _read_limited(response: httpx.Response, limit: int, key: str) -> bytes:
-    """Read a small answer whole, refusing one past ``limit`` bytes.
+async def _read_limited(
+    response: httpx.Response, limit: int, key: str, *, deadline: float
+) -> bytes:
+    """Read a small answer whole, refusing one past ``limit`` bytes or
+    one that takes more than ``deadline`` seconds.
+
+    httpx bounds each read alone, so an upstream sending a byte now and
+    then would hold the request, and every client waiting on the same tag,
+    for as long as it liked.
 
     Raises:
-        UpstreamUnavailable: The answer is larger, or it broke off.
+        UpstreamUnavailable: The answer is larger, slower, or it broke off.
     """
     # A declared length is refused before reading: leaving httpx's nested
     # body generators half-way leaves them for trio to finalise, with a
@@ -597,15 +608,20 @@ async def _read_limited(response: httpx.Response, limit: int, key: str) -> bytes
     chunks: list[bytes] = []
     total = 0
     try:
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise UpstreamUnavailable(
-                    f"upstream {key} sent more than {limit} bytes"
-                )
-            chunks.append(chunk)
+        with trio.fail_after(deadline):
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > limit:
+                    raise UpstreamUnavailable(
+                        f"upstream {key} sent more than {limit} bytes"
+                    )
+                chunks.append(chunk)
     except httpx.HTTPError as exc:
         raise UpstreamUnavailable(
             f"upstream {key} broke off the response: {type(exc).__name__}"
         ) from exc
+    except trio.TooSlowError:
+        raise UpstreamUnavailable(
+            f"upstream {key} took more than {deadline:g} s to send {total} bytes"
+        ) from None
     return b"".join(chunks)

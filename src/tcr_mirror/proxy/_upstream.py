@@ -174,7 +174,7 @@ class Upstream:
         self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
-        self._timeouts = timeouts or UpstreamTimeouts()
+        self.timeouts = timeouts or UpstreamTimeouts()
         self._user_agent = user_agent
         self._http2 = http2
         self._proxies = proxies or ProxyPolicy()
@@ -217,7 +217,7 @@ class Upstream:
         client = self._clients.get(proxy)
         if client is None:
             client = self._clients[proxy] = httpx.AsyncClient(
-                timeout=self._timeouts.as_httpx(),
+                timeout=self.timeouts.as_httpx(),
                 follow_redirects=False,
                 http2=self._http2,
                 headers={"User-Agent": self._user_agent},
@@ -404,7 +404,7 @@ class Upstream:
         try:
             # httpx bounds each read, so a proxy or registry that trickles
             # its head a byte at a time would hold the request for ever.
-            with trio.fail_after(self._timeouts.head):
+            with trio.fail_after(self.timeouts.head):
                 return await client.send(request, stream=True)
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             raise UpstreamUnavailable(f"upstream {self.key} timed out") from exc
@@ -428,8 +428,8 @@ class Upstream:
             return await raw_get(
                 url,
                 headers,
-                connect_timeout=self._timeouts.connect,
-                read_timeout=self._timeouts.read,
+                connect_timeout=self.timeouts.connect,
+                read_timeout=self.timeouts.read,
                 ssl_context=self._raw_tls,
                 proxy=self.proxy_for(url),
             )
@@ -526,7 +526,7 @@ class Upstream:
         """
         started, answered = trio.current_time(), False
         try:
-            with trio.fail_after(self._timeouts.head):
+            with trio.fail_after(self.timeouts.head):
                 client = self._client_for(realm)
                 request = client.build_request(
                     "GET", realm, params=params, headers=headers
