@@ -256,11 +256,11 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
             raise RangeInvalid(f"unsatisfiable range {_clip(header)!r}", size=size)
         return ByteRange(max(0, size - int(last_text)), size - 1)
     first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         raise RangeInvalid(f"malformed Range header {_clip(header)!r}", size=size)
     if first >= size:
         raise RangeInvalid(f"unsatisfiable range {_clip(header)!r}", size=size)
+    last = int(last_text) if last_text else size - 1
     return ByteRange(first, min(last, size - 1))
 
 
