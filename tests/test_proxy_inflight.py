@@ -74,11 +74,30 @@ async def mirror_of(
             url = f"http://127.0.0.1:{each.port}"
             upstreams.append(make_upstream(namespace, url, default=not namespace))
         config = NodeConfig(
-            listen=("127.0.0.1", 0), data_dir=data_dir, upstreams=tuple(upstreams)
+            listen=("127.0.0.1", 0),
+            metrics_listen=("127.0.0.1", 0),
+            data_dir=data_dir,
+            upstreams=tuple(upstreams),
         )
         host, port = await nursery.start(run_node, config)
         yield f"http://{host}:{port}", nursery
         nursery.cancel_scope.cancel()
+
+
+async def wait_joined(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wait (bounded) until the node counts a client that joined a blob's
+    fetch in flight, from its /metrics."""
+    (address,) = [
+        r.__dict__["address"]
+        for r in caplog.records
+        if r.getMessage() == "metrics_listening"
+    ]
+    joined = 'tcr_mirror_cache_results_total{kind="blob",result="joined"} 1.0'
+    with trio.fail_after(20):
+        while joined not in (await client.get(f"http://{address}/metrics")).text:
+            await trio.sleep(0.01)
 
 
 async def read_request(stream: trio.SocketStream) -> h11.Connection | None:
@@ -299,8 +318,9 @@ class RefusingUpstream(LoopbackServer):
 
 
 async def test_a_client_that_joined_another_upstreams_refused_fetch_asks_its_own(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tcr_mirror")
     refusing = RefusingUpstream()
     holding = PacedUpstream()
     holding.release.set()
@@ -317,7 +337,7 @@ async def test_a_client_that_joined_another_upstreams_refused_fetch_asks_its_own
         nursery.start_soon(get, "default", {})
         await refusing.asked.wait()
         nursery.start_soon(get, "b.example", {"ns": "b.example"})
-        await trio.sleep(0.2)  # lets the second client join the first fetch
+        await wait_joined(client, caplog)  # the second joined the first fetch
         refusing.release.set()
         with trio.fail_after(20):
             while len(answers) < 2:
@@ -329,8 +349,9 @@ async def test_a_client_that_joined_another_upstreams_refused_fetch_asks_its_own
 
 
 async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tcr_mirror")
     # The disk fills while the fetch claims its space: every client, also
     # one that came while the claim ran, must get the error, never a head.
     claiming = trio.Event()
@@ -356,7 +377,7 @@ async def test_clients_get_no_head_before_the_blobs_disk_space_is_claimed(
         nursery.start_soon(get)
         await claiming.wait()
         nursery.start_soon(get)
-        await trio.sleep(0.2)  # lets the second client join during the claim
+        await wait_joined(client, caplog)  # the second joined during the claim
         disk_full.set()
         with trio.fail_after(20):
             while len(answers) < 2:

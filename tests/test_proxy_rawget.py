@@ -143,10 +143,11 @@ async def test_a_connect_given_up_midway_closes_its_socket(tmp_path: Path) -> No
     context.load_cert_chain(files.certificate, files.key)
     listener = socket.create_server(("127.0.0.1", 0))
     seen: list[bytes] = []
+    client_gave_up = threading.Event()
 
     def serve() -> None:
         connection, _ = listener.accept()
-        time.sleep(0.5)
+        client_gave_up.wait(timeout=10)
         with context.wrap_socket(connection, server_side=True) as tls:
             tls.settimeout(10)
             seen.append(tls.recv(1))
@@ -157,6 +158,7 @@ async def test_a_connect_given_up_midway_closes_its_socket(tmp_path: Path) -> No
     url = f"https://127.0.0.1:{listener.getsockname()[1]}/v2/app/blobs/x"
     with trio.move_on_after(0.1) as gave_up:
         await raw_get(url, {}, ssl_context=client_context, **TIMEOUTS)
+    client_gave_up.set()
     assert gave_up.cancelled_caught
     await trio.to_thread.run_sync(thread.join, 10)
     listener.close()

@@ -613,7 +613,9 @@ async def test_renewal_in_the_background_never_holds_a_basic_request() -> None:
                 while len(control.seen) < 2:  # renewed once in the background
                     await trio.sleep(0.01)
             control.stalled = True
-            await trio.sleep(0.1)  # due again; the keeper is stuck asking
+            with trio.fail_after(HANG):
+                while len(control.seen) < 3:  # due again; the keeper is stuck
+                    await trio.sleep(0.01)
             with trio.fail_after(HANG):
                 assert await get(upstream, MANIFEST_PATH, raw=False) == 200
 
