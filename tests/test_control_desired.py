@@ -408,12 +408,19 @@ async def test_apply_then_apply_again_finds_nothing(tmp_path: Path) -> None:
                 first = await apply(client, desired, poll_interval=0.05)
                 assert first.ok, first.as_json()
                 assert len(first.done) == 7
-                polls = [
-                    e
-                    for e in read_events(log_path)
+                # Policies only once a poll saw the endpoint Opened, however
+                # many polls that took.
+                events = list(read_events(log_path))
+                names = [e["eventName"] for e in events]
+                opened = [
+                    index
+                    for index, e in enumerate(events)
                     if e["eventName"] == "DescribeExternalEndpointStatus"
+                    and json.loads(e["responseElements"])["Status"] == "Opened"
                 ]
-                assert len(polls) >= 3  # one to plan, then waiting for Opened
+                assert opened
+                assert names.index("ManageExternalEndpoint") < opened[0]
+                assert opened[0] < names.index("CreateSecurityPolicy")
 
                 rules = rules_from_audit(read_events(log_path))
                 again = await plan(client, desired, applied_rules=rules)
