@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tcr_mirror.control import TcrError
+from tcr_mirror.control import CallRecord, TcrError
 from tcr_mirror.control._serve import (
     ControlMetrics,
     Credential,
@@ -291,6 +291,70 @@ async def test_expired_token_is_503_not_200() -> None:
     assert "token-0" not in answer.text
 
 
+async def _connect(base: str) -> trio.SocketStream:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def _closed_by_server(stream: trio.SocketStream, within: float) -> bool:
+    """Whether the server ends the connection within ``within`` seconds,
+    reading (and dropping) whatever it answers meanwhile."""
+    with trio.move_on_after(within):
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_a_trickled_request_is_cut_off_as_a_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("tcr_mirror.control._serve._READ_TIMEOUT", 0.5)
+    keeper = TokenKeeper([HOST], ScriptedIssuer())
+    async with trio.open_nursery() as nursery:
+        base = await start_server(nursery, keeper)
+        stream = await _connect(base)
+        closed = trio.Event()
+
+        async def watch() -> None:
+            if await _closed_by_server(stream, 10):
+                closed.set()
+
+        nursery.start_soon(watch)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        # Each byte well within the per-read timeout, the whole far past it.
+        for _ in range(100):
+            if closed.is_set():
+                break
+            try:
+                await stream.send_all(b"X-Slow: 1\r\n")
+            except trio.BrokenResourceError:
+                break
+            await trio.sleep(0.1)
+        assert closed.is_set()
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_body_past_the_limit_is_refused() -> None:
+    keeper = TokenKeeper([HOST], ScriptedIssuer())
+    async with trio.open_nursery() as nursery:
+        base = await start_server(nursery, keeper)
+        stream = await _connect(base)
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+        await stream.send_all(head + b"x" * 200_000)
+        answer = b""
+        with trio.move_on_after(5):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "Bearer  "])
 def test_bearer_scheme_is_case_insensitive(scheme: str) -> None:
     keeper = TokenKeeper([HOST], ScriptedIssuer())
@@ -432,7 +496,12 @@ async def test_renewal_failure_is_retried_against_the_sim(
         rid = sim.simulator.add_instance("serve-three")
         host = "serve-three.tencentcloudcr.com"
         sim.simulator.state.inject("CreateInstanceToken", "InternalError", times=2)
-        async with sim.client(timeout=10_000) as client:
+        calls: list[str | None] = []
+
+        def on_call(call: CallRecord) -> None:
+            calls.append(None if call.error is None else call.error.code)
+
+        async with sim.client(timeout=10_000, on_call=on_call) as client:
             keeper = TokenKeeper([host], tcr_issuer(client, {host: rid}))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keeper.run)
@@ -443,3 +512,4 @@ async def test_renewal_failure_is_retried_against_the_sim(
                 nursery.cancel_scope.cancel()
     assert keeper.get(host) is not None
     assert keeper.schedules[host].failures == 0
+    assert calls == ["InternalError", "InternalError", None]
