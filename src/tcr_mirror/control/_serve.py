@@ -303,6 +303,8 @@ class TokenKeeper:
 
 _MAX_REQUESTS_PER_CONNECTION = 1000
 _READ_TIMEOUT = 30.0
+# No request here has a body; this much is slack for clients that send one.
+_MAX_BODY = 64 * 1024
 
 
 class CredentialsServer:
@@ -384,17 +386,43 @@ class CredentialsServer:
             await stream.aclose()
 
     async def _one_request(self, conn: h11.Connection, stream: trio.abc.Stream) -> bool:
-        request = await _next_event(conn, stream)
-        if not isinstance(request, h11.Request):
-            return False
-        while not isinstance(await _next_event(conn, stream), h11.EndOfMessage):
-            pass
+        # The timeout bounds the whole request, not each read: a client
+        # sending a byte now and then, or a body without end, would hold
+        # its connection (and descriptor) for ever.
+        with trio.fail_after(_READ_TIMEOUT):
+            request = await _next_event(conn, stream)
+            if not isinstance(request, h11.Request):
+                return False
+            size = 0
+            while not isinstance(
+                event := await _next_event(conn, stream), h11.EndOfMessage
+            ):
+                size += len(event.data) if isinstance(event, h11.Data) else 0
+                if size > _MAX_BODY:
+                    error = _json(413, {"error": "request too large"})
+                    await self._send(conn, stream, request, *error)
+                    return False
         headers = dict(request.headers)
         status, content_type, body = self.respond(
             request.method.decode(),
             request.target.decode(),
             headers.get(b"authorization"),
         )
+        await self._send(conn, stream, request, status, content_type, body)
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        return True
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        request: h11.Request,
+        status: int,
+        content_type: str,
+        body: bytes,
+    ) -> None:
         path = urlsplit(request.target.decode()).path
         if path != "/healthz":
             _log(logging.DEBUG, "http_request", path=path, status=status)
@@ -403,14 +431,14 @@ class CredentialsServer:
             ("content-length", str(len(body))),
             ("cache-control", "no-store"),
         ]
+        if conn.their_state is not h11.DONE:
+            response_headers.append(("connection", "close"))
         data = conn.send(h11.Response(status_code=status, headers=response_headers))
         data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
         data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            return False
-        conn.start_next_cycle()
-        return True
+        # A client that never reads its answers must not hold us either.
+        with trio.fail_after(_READ_TIMEOUT):
+            await stream.send_all(data)
 
     async def serve(
         self,
@@ -439,9 +467,7 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        with trio.fail_after(_READ_TIMEOUT):
-            data = await stream.receive_some(65536)
-        conn.receive_data(bytes(data))
+        conn.receive_data(bytes(await stream.receive_some(65536)))
 
 
 def _json(status: int, body: Mapping[str, Any]) -> tuple[int, str, bytes]:
