@@ -529,6 +529,27 @@ def test_serve_hands_out_tokens(cli: Cli) -> None:
     cli.outputs += server.stderr
 
 
+def test_serve_logs_only_json_lines(cli: Cli) -> None:
+    with serving(cli) as server:
+        answer = None
+        for _ in range(100):
+            answer = httpx.get(
+                server.credentials_url,
+                params={"registry": "cli-two.tencentcloudcr.com"},
+                headers={"Authorization": f"Bearer {NODE_SECRET}"},
+            )
+            if answer.status_code != 503:
+                break
+            time.sleep(0.05)
+        assert answer is not None
+        assert answer.status_code == 200, answer.text
+    lines = [line for line in server.stderr if line.strip()]
+    assert any('"token_renewed"' in line for line in lines)
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+    cli.outputs += server.stderr
+
+
 def test_serve_on_a_taken_port_is_one_line(cli: Cli) -> None:
     secret_file = node_secret_file(cli)
     with socket.socket() as taken:
@@ -603,6 +624,64 @@ def test_full_audit_disk_fails_a_command_in_one_line(
         "tcr-mirror: error: DescribeInstances was sent to TCR but cannot be "
         f"recorded: cannot write audit log {audit_log}: No space left on device"
     ]
+
+
+def test_region_no_header_can_carry_is_one_line_and_audited(cli: Cli) -> None:
+    run = cli("instances", "list", "--region", "ap-guangzhöu")
+
+    assert run.code == 1
+    assert run.err.splitlines() == [
+        "tcr-mirror: error: ClientError.InvalidHeader: the region is not "
+        "printable ASCII, so no HTTP header can carry it; DescribeInstances "
+        "was not sent"
+    ]
+    last = json.loads(cli.audit_log.read_text().splitlines()[-1])
+    assert (last["eventName"], last["errorCode"], last["eventRegion"]) == (
+        "DescribeInstances",
+        "ClientError.InvalidHeader",
+        "ap-guangzhöu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+        ("http://user:pass-word-1@[::1", "Invalid port: ':1'"),
+    ],
+)
+def test_malformed_endpoint_is_a_usage_error(
+    cli: Cli, endpoint: str, reason: str
+) -> None:
+    run = cli("instances", "list", "--endpoint", endpoint)
+
+    assert run.code == 2
+    assert run.err.splitlines() == [
+        f"tcr-mirror: error: --endpoint is not a usable URL: {reason}"
+    ]
+
+
+@pytest.mark.parametrize("interval", ["-1", "nan", "inf"])
+def test_poll_interval_not_seconds_is_refused_before_any_change(
+    cli: Cli, interval: str
+) -> None:
+    desired = cli.workdir / "poll.toml"
+    desired.write_text(
+        f'[[instance]]\nregistry_id = "{cli.instances["cli-one"]}"\n'
+        'region = "ap-guangzhou"\n[instance.endpoint]\nenabled = true\n'
+    )
+    before = cli.audit_log.read_text() if cli.audit_log.exists() else ""
+
+    run = cli("apply", str(desired), "--poll-interval", interval)
+
+    assert run.code == 2
+    assert "Traceback" not in run.err
+    assert run.err.splitlines()[-1] == (
+        "tcr-mirror control apply: error: argument --poll-interval: "
+        f"not a number of seconds: '{interval}'"
+    )
+    after = cli.audit_log.read_text() if cli.audit_log.exists() else ""
+    assert after == before
 
 
 def test_no_secret_anywhere(cli: Cli) -> None:

@@ -807,6 +807,40 @@ async def test_write_is_repeated_when_the_connection_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("credentials", "region", "named"),
+    [
+        (CREDENTIALS, "ap-guangzhöu", "the region"),
+        (CloudCredentials("AKIDé", SECRET_KEY), "ap-guangzhou", "the SecretId"),
+        (
+            CloudCredentials(SECRET_ID, SECRET_KEY, "tok\u00e9n-secret"),
+            "ap-guangzhou",
+            "the session token",
+        ),
+        (
+            CloudCredentials(SECRET_ID, SECRET_KEY, "tok\nen-secret"),
+            "ap-guangzhou",
+            "the session token",
+        ),
+    ],
+)
+async def test_a_value_no_header_can_carry_is_a_recorded_tcr_error(
+    sim: Sim, credentials: CloudCredentials, region: str, named: str
+) -> None:
+    records: list[CallRecord] = []
+    async with TcrClient(
+        credentials, region=region, endpoint=sim[1], on_call=records.append
+    ) as tcr:
+        with pytest.raises(TcrError) as info:
+            await tcr.call("CreateInstanceToken", {"RegistryId": MISSING})
+    assert info.value.code == "ClientError.InvalidHeader"
+    assert named in str(info.value)
+    assert "secret" not in str(info.value)
+    assert [(r.action, r.error) for r in records] == [
+        ("CreateInstanceToken", info.value)
+    ]
+
+
+@pytest.mark.parametrize(
     ("status", "body", "code", "attempts"),
     [
         (200, b"<html>not json</html>", "ClientError.BadResponse", 1),

@@ -41,7 +41,14 @@ import trio
 
 from . import _signing
 from ._credentials import CloudCredentials
-from ._errors import BAD_RESPONSE, NETWORK_ERROR, TIMEOUT, TcrError, TcrTransportError
+from ._errors import (
+    BAD_RESPONSE,
+    INVALID_HEADER,
+    NETWORK_ERROR,
+    TIMEOUT,
+    TcrError,
+    TcrTransportError,
+)
 
 __all__ = ["CallRecord", "TcrClient", "TcrResponse", "is_read"]
 
@@ -51,6 +58,13 @@ _SERVICE = "tcr"
 _THROTTLED_PREFIX = "RequestLimitExceeded"
 _TRANSIENT_PREFIXES = (_THROTTLED_PREFIX, "InternalError", "ServiceUnavailable")
 _RETRYABLE_TRANSPORT = frozenset({NETWORK_ERROR, TIMEOUT})
+# What a header carries, to name it in an error without its value.
+_HEADER_SOURCES = {
+    "authorization": "the SecretId",
+    "x-tc-token": "the session token",
+    "x-tc-region": "the region",
+    "x-tc-action": "the action",
+}
 # Actions that change nothing in TCR, so that running one twice is harmless.
 _READ_PREFIXES = ("Describe", "Validate", "Get", "List", "Check")
 
@@ -356,6 +370,18 @@ class TcrClient:
             body=body,
             signed_headers=self._signed_headers,
         )
+        for name, value in headers.items():
+            # httpx refuses such a value with a UnicodeEncodeError (or sends
+            # a control character); either way TCR never sees the request.
+            # The value stays out of the message: it may be a token.
+            if not (value.isascii() and value.isprintable()):
+                source = _HEADER_SOURCES.get(name, f"the {name} header")
+                raise TcrError(
+                    INVALID_HEADER,
+                    f"{source} is not printable ASCII, so no HTTP header can "
+                    f"carry it; {action} was not sent",
+                    action=action,
+                )
         return headers
 
     async def _backoff(self, action: str, attempt: int, error: TcrError) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BAD_RESPONSE",
+    "INVALID_HEADER",
     "NETWORK_ERROR",
     "TIMEOUT",
     "TcrError",
@@ -22,6 +23,7 @@ __all__ = [
 NETWORK_ERROR = "ClientError.NetworkError"
 TIMEOUT = "ClientError.Timeout"
 BAD_RESPONSE = "ClientError.BadResponse"
+INVALID_HEADER = "ClientError.InvalidHeader"
 
 
 class TcrError(Exception):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
 from ..cli import CliError
@@ -132,11 +134,22 @@ def _add_desired(families: Any, common: argparse.ArgumentParser) -> None:
         if name == "apply":
             leaf.add_argument(
                 "--poll-interval",
-                type=float,
+                type=_seconds,
                 default=2.0,
                 help="seconds between status checks while waiting",
             )
         leaf.set_defaults(func=_runner(handler))
+
+
+def _seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds, not negative."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}")
+    return seconds
 
 
 def _add_serve(families: Any, common: argparse.ArgumentParser) -> None:
@@ -199,6 +212,7 @@ class Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        _check_endpoint(args.endpoint)
         self.credentials = _credentials(args)
         try:
             self.audit = AuditLog(args.audit_log)
@@ -255,6 +269,16 @@ def _credentials(args: argparse.Namespace) -> CloudCredentials:
         return CloudCredentials.from_env(os.environ)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _check_endpoint(endpoint: str) -> None:
+    try:
+        httpx.URL(endpoint)
+        # httpx takes a port past 65535; the source address probe does not.
+        urlsplit(endpoint).port  # noqa: B018 (raises ValueError)
+    except (httpx.InvalidURL, ValueError) as exc:
+        # Not echoed: its user info may hold a password.
+        raise CliError(f"--endpoint is not a usable URL: {exc}") from None
 
 
 def _source_ip(endpoint: str) -> str:
@@ -493,6 +517,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError("--renew-fraction must be between 0 and 1")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        # httpx logs every request at info as plain text; ours are JSON lines.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def serve(session: Session, args: argparse.Namespace) -> int:
         session.metrics = ControlMetrics()
