@@ -140,6 +140,23 @@ async def test_signed_request_succeeds(endpoint: tuple[Simulator, str]) -> None:
     assert response["Registries"][0]["RegistryName"] == "existing-one"
 
 
+async def test_unsigned_payload_is_verified_as_the_sdks_sign_it(
+    endpoint: tuple[Simulator, str],
+) -> None:
+    # The SDKs' unsigned-payload option: the payload hash is the hash of
+    # the words UNSIGNED-PAYLOAD, whatever the body (TCR-API.md §1.3).
+    unsigned = {"x-tc-content-sha256": "UNSIGNED-PAYLOAD"}
+    body = b'{"Limit": 1}'
+    accepted = _request(
+        endpoint[1], body=body, sign_body=b"UNSIGNED-PAYLOAD", overrides=unsigned
+    )
+    assert _code(await _send(accepted)) is None
+    # Without the header, the body is hashed as always.
+    assert _code(await _send(_request(endpoint[1], body=body))) is None
+    refused = _request(endpoint[1], body=body, sign_body=b"UNSIGNED-PAYLOAD")
+    assert _code(await _send(refused)) == "AuthFailure.SignatureFailure"
+
+
 async def test_signature_over_action_header_is_accepted(
     endpoint: tuple[Simulator, str],
 ) -> None:

@@ -24,7 +24,9 @@ against the real server):
 7. The body (POST) or query (GET) decodes to parameters; the action's
    schema check happens later, in the action table.
 
-The signature is recomputed over the raw body and raw query as received.
+The signature is recomputed over the raw body (or, with
+``X-TC-Content-SHA256: UNSIGNED-PAYLOAD``, over those words) and the raw
+query, as received.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = ["MAX_SKEW", "SERVICE", "VERSION", "Key", "VerifiedRequest", "verify"]
 SERVICE = "tcr"
 VERSION = "2019-09-24"
 MAX_SKEW = 300
+_UNSIGNED = "UNSIGNED-PAYLOAD"
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,11 @@ def _check_signature(
         and all(name in headers for name in signed)
     )
     if usable:
-        canonical = _signing.canonical_request(method, query, headers, signed, body)
+        # A client that opted out of hashing the body (X-TC-Content-SHA256,
+        # TCR-API.md §1.3) hashes these words in its place.
+        unsigned = headers.get("x-tc-content-sha256", "").strip() == _UNSIGNED
+        payload = _UNSIGNED.encode() if unsigned else body
+        canonical = _signing.canonical_request(method, query, headers, signed, payload)
         to_sign = _signing.string_to_sign(timestamp, SERVICE, canonical)
         expected = _signing.signature(
             key.secret_key, authorization.date, SERVICE, to_sign
