@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -532,6 +533,37 @@ def test_cli_without_keys_is_a_one_line_error() -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "tcr-mirror: error: environment variable TENCENTCLOUD_SECRET_ID is not set"
+    )
+
+
+def test_cli_on_an_address_in_use_is_a_one_line_error() -> None:
+    env = {
+        **os.environ,
+        "TENCENTCLOUD_SECRET_ID": "AKIDx",
+        "TENCENTCLOUD_SECRET_KEY": "k",
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tcr_mirror",
+                "sim",
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"tcr-mirror: error: cannot listen on 127.0.0.1:{port} (--listen): "
+        "Address already in use"
     )
 
 

@@ -22,7 +22,7 @@ import trio
 from ...cli import CliError
 from .._credentials import CloudCredentials
 from ._app import Simulator
-from ._http import serve_http
+from ._http import serve_listeners_http
 from ._persist import StateFileError, load, save
 from ._schema import SimError
 from ._state import REGION_IDS, SimConfig
@@ -137,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(
     simulator: Simulator, host: str, port: int, instances: dict[str, str]
 ) -> None:
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CliError(f"cannot listen on {host}:{port} (--listen): {reason}") from None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve_http, simulator.handle, host, port)
+            await nursery.start(serve_listeners_http, simulator.handle, listeners)
             bound_host, bound_port = listeners[0].socket.getsockname()[:2]
             address = f"{bound_host}:{bound_port}"
             announcement = {
