@@ -686,6 +686,60 @@ async def test_timeout_is_a_transport_error_after_retries(
     assert trio.current_time() - start == pytest.approx(5 + 0.5 + 5)
 
 
+async def test_a_write_cancelled_mid_flight_is_recorded_as_maybe_applied(
+    sim: Sim, autojump_clock: trio.abc.Clock
+) -> None:
+    """A shutdown while TCR holds the answer: the token exists in TCR, so
+    the audit log (the on_call hook) must hear of the call all the same."""
+    simulator, endpoint = sim
+    records: list[CallRecord] = []
+    async with TcrClient(
+        CREDENTIALS,
+        region="ap-guangzhou",
+        endpoint=endpoint,
+        timeout=60,
+        on_call=records.append,
+    ) as tcr:
+        registry_id = await _instance(tcr)
+        simulator.state.lose_answer("CreateInstanceToken", hold=1000.0, times=1)
+        params = {"RegistryId": registry_id, "TokenType": "longterm", "Desc": "ci"}
+        with trio.move_on_after(10) as scope:
+            await tcr.call("CreateInstanceToken", params)
+        assert scope.cancelled_caught
+        with trio.move_on_after(10) as scope:
+            await tcr.call("DescribeInstances")
+        # Not cancelled: the sim holds only the token's answer.
+        assert not scope.cancelled_caught
+    cancelled = records[-2]
+    assert cancelled.action == "CreateInstanceToken"
+    assert cancelled.params == params
+    assert isinstance(cancelled.error, TcrTransportError)
+    assert cancelled.error.code == "ClientError.Cancelled"
+    assert cancelled.error.outcome_unknown
+    assert _longterm_tokens(simulator) == 1
+
+
+async def test_a_read_cancelled_mid_flight_is_recorded(
+    sim: Sim, autojump_clock: trio.abc.Clock
+) -> None:
+    simulator, endpoint = sim
+    simulator.state.delays["DescribeInstances"] = 1000
+    records: list[CallRecord] = []
+    async with TcrClient(
+        CREDENTIALS,
+        region="ap-guangzhou",
+        endpoint=endpoint,
+        timeout=60,
+        on_call=records.append,
+    ) as tcr:
+        with trio.move_on_after(10):
+            await tcr.call("DescribeInstances")
+    (record,) = records
+    assert isinstance(record.error, TcrTransportError)
+    assert record.error.code == "ClientError.Cancelled"
+    assert not record.error.outcome_unknown
+
+
 @asynccontextmanager
 async def refused_endpoint() -> AsyncIterator[str]:
     """An endpoint on a port bound but not listening: connections are refused."""

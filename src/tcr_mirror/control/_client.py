@@ -43,6 +43,7 @@ from . import _signing
 from ._credentials import CloudCredentials
 from ._errors import (
     BAD_RESPONSE,
+    CANCELLED,
     INVALID_HEADER,
     NETWORK_ERROR,
     TIMEOUT,
@@ -58,6 +59,8 @@ _SERVICE = "tcr"
 _THROTTLED_PREFIX = "RequestLimitExceeded"
 _TRANSIENT_PREFIXES = (_THROTTLED_PREFIX, "InternalError", "ServiceUnavailable")
 _RETRYABLE_TRANSPORT = frozenset({NETWORK_ERROR, TIMEOUT})
+# How long a cancelled call may still take to reach the audit log.
+_RECORD_GRACE = 5.0
 # What a header carries, to name it in an error without its value.
 _HEADER_SOURCES = {
     "authorization": "the SecretId",
@@ -303,17 +306,32 @@ class TcrClient:
         response: TcrResponse | None = None
         error: TcrError | None = None
         attempt = 0
-        while attempt < self.max_attempts:
-            attempt += 1
-            try:
-                response = await self._attempt(action, body)
-                error = None
-                break
-            except TcrError as exc:
-                error = exc
-                if not _is_retryable(action, exc) or attempt == self.max_attempts:
+        try:
+            while attempt < self.max_attempts:
+                attempt += 1
+                try:
+                    response = await self._attempt(action, body)
+                    error = None
                     break
-                await self._backoff(action, attempt, exc)
+                except TcrError as exc:
+                    error = exc
+                    if not _is_retryable(action, exc) or attempt == self.max_attempts:
+                        break
+                    await self._backoff(action, attempt, exc)
+        except trio.Cancelled:
+            # A shutdown cut the call short, maybe after TCR acted on it:
+            # the audit log must still hold it, a write as maybe applied.
+            error = TcrTransportError(
+                CANCELLED, "cancelled before an answer arrived", action=action
+            )
+            if not is_read(action):
+                error = _unknown_outcome(action, error)
+            with trio.CancelScope(shield=True), trio.move_on_after(_RECORD_GRACE):
+                await self._record(
+                    action, params, None, error, started_at,
+                    trio.current_time() - start, attempt,
+                )  # fmt: skip
+            raise
         if error is not None and not is_read(action):
             error = _unknown_outcome(action, error)
         duration = trio.current_time() - start

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BAD_RESPONSE",
+    "CANCELLED",
     "INVALID_HEADER",
     "NETWORK_ERROR",
     "TIMEOUT",
@@ -24,6 +25,8 @@ NETWORK_ERROR = "ClientError.NetworkError"
 TIMEOUT = "ClientError.Timeout"
 BAD_RESPONSE = "ClientError.BadResponse"
 INVALID_HEADER = "ClientError.InvalidHeader"
+# Ours: the caller stopped waiting (a shutdown) before an answer arrived.
+CANCELLED = "ClientError.Cancelled"
 
 
 class TcrError(Exception):
@@ -63,13 +66,15 @@ class TcrError(Exception):
 
 
 class TcrTransportError(TcrError):
-    """No usable TCR answer: network failure, timeout or a malformed reply.
+    """No usable TCR answer: network failure, timeout, a malformed reply,
+    or a caller that stopped waiting.
 
-    ``code`` is one of ``ClientError.NetworkError``, ``ClientError.Timeout``
-    or ``ClientError.BadResponse``. ``http_status`` is the status of an
-    answer that was not TCR's HTTP 200 (None otherwise). ``sent`` is False
-    only when no connection could be opened, so TCR surely did not see the
-    request. ``outcome_unknown`` marks a write that TCR may have applied.
+    ``code`` is one of ``ClientError.NetworkError``, ``ClientError.Timeout``,
+    ``ClientError.BadResponse`` or ``ClientError.Cancelled``.
+    ``http_status`` is the status of an answer that was not TCR's HTTP 200
+    (None otherwise). ``sent`` is False only when no connection could be
+    opened, so TCR surely did not see the request. ``outcome_unknown`` marks
+    a write that TCR may have applied.
     """
 
     def __init__(
