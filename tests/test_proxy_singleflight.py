@@ -144,6 +144,43 @@ async def test_a_cancelled_leader_lets_a_waiter_retry() -> None:
     assert result == ["second"]
 
 
+async def test_a_leader_cancelled_inside_a_nursery_lets_a_waiter_retry() -> None:
+    """A leader cancelled while its call runs a nursery (as trio's
+    open_tcp_stream does, connecting to the upstream) ends with a group of
+    Cancelled; a waiter must retry, not raise the leader's cancellation."""
+    flight: SingleFlight[str] = SingleFlight()
+    started = trio.Event()
+
+    async def forever() -> str:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            started.set()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def quick() -> str:
+        return "second"
+
+    result: list[str] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            leader = trio.CancelScope()
+
+            async def lead() -> None:
+                with leader:
+                    await flight.do("key", forever)
+
+            async def wait() -> None:
+                result.append(await flight.do("key", quick))
+
+            nursery.start_soon(lead)
+            await started.wait()
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            leader.cancel()
+    assert result == ["second"]
+
+
 async def test_different_keys_do_not_share() -> None:
     flight: SingleFlight[str] = SingleFlight()
     assert await flight.do("a", _value("x")) == "x"

@@ -57,9 +57,16 @@ class SingleFlight(Generic[T]):
 
 
 def _was_cancelled(result: outcome.Outcome[object]) -> bool:
-    return isinstance(result, outcome.Error) and isinstance(
-        result.error, trio.Cancelled
-    )
+    if not isinstance(result, outcome.Error):
+        return False
+    error = result.error
+    if isinstance(error, BaseExceptionGroup):
+        # A leader cancelled inside a nursery (trio's open_tcp_stream
+        # connects in one) ends with its Cancelled in a group; raised in a
+        # waiter, whose own scopes are not cancelled, it would end that
+        # waiter's request instead of letting it retry.
+        return error.split(trio.Cancelled)[0] is not None
+    return isinstance(error, trio.Cancelled)
 
 
 def _fresh(error: BaseException) -> BaseException:
