@@ -9,6 +9,7 @@ running until Ctrl-C (or exits at once with ``--once``).
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,10 +68,15 @@ def main() -> int:
                 time.sleep(1)
     except KeyboardInterrupt:
         pass
+    except BaseException:
+        # Kept for its logs: the node's and the registry's say what failed.
+        print(f"demo failed; its files are kept in {work}", file=sys.stderr)
+        raise
     finally:
         if node is not None:
             node.stop()
         registry.stop()
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
