@@ -680,6 +680,27 @@ def test_undo_keeps_a_directory_that_was_there_before(tmp_path: Path) -> None:
     assert after == before
 
 
+def test_a_new_directory_carries_what_default_gave_the_registry(
+    tmp_path: Path,
+) -> None:
+    # Read before any install, and again from the backup once _default is
+    # ours; relative paths now go through the registry's own directory.
+    _write(
+        tmp_path / "_default" / "hosts.toml",
+        b'ca = "corp.pem"\n[host."https://corp"]\n',
+    )
+    _write(tmp_path / "_default" / "node.cert", b"pem")
+    assert _run(tmp_path, "--mirror", MIRROR, "ghcr.io", "_default") == 0
+    first = (tmp_path / "ghcr.io" / "hosts.toml").read_bytes()
+    assert _run(tmp_path, "--mirror", MIRROR, "ghcr.io", "_default") == 0
+
+    parsed = tomllib.loads(first.decode())
+    assert (tmp_path / "ghcr.io" / "hosts.toml").read_bytes() == first
+    assert parsed["server"] == "https://ghcr.io"
+    assert parsed["ca"] == "../_default/corp.pem"
+    assert list(parsed["host"]) == [MIRROR, "https://corp"]
+
+
 def test_dry_run_changes_nothing_and_shows_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1084,6 +1105,11 @@ def _foreign(certs: Path) -> None:
     (certs / "ours.io").mkdir()
 
 
+def _default_only(certs: Path) -> None:
+    _write(certs / "_default" / "hosts.toml", b'[host."https://corp"]\n', 0o640)
+    _write(certs / "_default" / "ca.crt", b"pem")
+
+
 def _host_port_appeared(certs: Path) -> None:
     assert _run(certs, "--mirror", MIRROR, "reg.local:5000") == 0
     _host_port_only(certs)
@@ -1100,6 +1126,7 @@ _SCENARIOS: dict[str, tuple[Setup, Setup, list[str]]] = {
         _foreign_ours_and_none, _foreign, ["ghcr.io", "_default", "ours.io"]
     ),
     "host_port_ appeared": (_host_port_appeared, _host_port_only, ["reg.local:5000"]),
+    "_default only": (_default_only, _default_only, ["reg.local:5000", "_default"]),
 }  # fmt: skip
 
 
@@ -1338,3 +1365,30 @@ def test_rendering_imports_no_async_or_network_layer() -> None:
     )
 
     assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.root
+def test_a_registry_s_new_directory_keeps_what_default_gave_it(
+    tls_registry: Registry, tls_files: TlsFiles, containerd: Containerd, tmp_path: Path
+) -> None:
+    # Without a directory of its own the registry was reached through
+    # _default's server and CA; the directory we create hides _default.
+    name = "images.example:5000"
+    image = push_image(tls_registry, "lib/app", "v1", layer_sizes=[1500])
+    certs = tmp_path / "certs.d"
+    _write(certs / "_default" / "private-ca.pem", tls_files.ca.read_bytes())
+    _write(
+        certs / "_default" / "hosts.toml",
+        f'server = "{tls_registry.url}"\nca = "private-ca.pem"\n'
+        f'[host."{tls_registry.url}"]\n  ca = "private-ca.pem"\n'.encode(),
+    )
+    before = containerd.pull(f"{name}/lib/app:v1", certs, plain_http=False)
+    assert before.returncode == 0, before.stderr
+    _configure(certs, f"http://127.0.0.1:{free_port()}", name)
+
+    result = containerd.pull(f"{name}/lib/app:v1", certs, plain_http=False)
+
+    assert result.returncode == 0, result.stderr
+    assert (certs / "_default" / "hosts.toml").read_bytes().startswith(b"server")
+    digest, _ = image.layers[0]
+    assert tls_registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 1

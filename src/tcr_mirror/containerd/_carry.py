@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ._errors import HostsConfigError
 from ._toml_headers import _header_keys
 
-__all__ = ["Carried", "carry_over"]
+__all__ = ["Carried", "carry_over", "rebased"]
 
 
 _CAPABILITIES = frozenset({"pull", "resolve", "push"})
@@ -201,6 +201,37 @@ def _from_cert_files(names: Sequence[str]) -> Carried:
     if clients:
         settings["client"] = clients
     return Carried(settings=settings)
+
+
+def rebased(carried: Carried, base: str) -> Carried:
+    """``carried`` read from another directory, for a file in this one.
+
+    containerd resolves a relative ``ca`` or ``client`` path against the
+    directory of the hosts.toml naming it, so each gets ``base`` (that
+    directory, relative to this one) in front; absolute ones stay.
+    """
+
+    def move(settings: Mapping[str, object]) -> dict[str, object]:
+        moved = dict(settings)
+        for key in ("ca", "client"):
+            if key in moved:
+                moved[key] = _rebase_paths(moved[key], base)
+        return moved
+
+    return Carried(
+        carried.server,
+        move(carried.settings),
+        tuple((url, move(host)) for url, host in carried.hosts),
+        tuple((url, move(host)) for url, host in carried.unlisted),
+    )
+
+
+def _rebase_paths(value: object, base: str) -> object:
+    if isinstance(value, list):
+        return [_rebase_paths(item, base) for item in value]
+    if isinstance(value, str) and not value.startswith("/"):
+        return f"{base}/{value}"
+    return value
 
 
 def _client(cert: str, present: set[str]) -> str | list[str]:

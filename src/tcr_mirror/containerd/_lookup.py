@@ -19,7 +19,8 @@ def host_dir_names(registry: str) -> tuple[str, ...]:
     containerd spells the last ``:`` as ``_`` and appends ``_``
     (``hostDirectory`` in remotes/docker/config/hosts.go), and tries that
     name first; the first one that exists is the one it reads. (It then
-    tries ``_default``, but a registry named here gets its own directory.)
+    tries ``_default``, but a registry named here gets its own directory,
+    carrying over what ``_default`` gave it.)
     """
     colon = registry.rfind(":")
     if colon <= 0:

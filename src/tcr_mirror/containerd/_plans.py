@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._carry import Carried, carry_over
+from ._carry import Carried, carry_over, rebased
 from ._errors import HostsConfigError
 from ._files import (
     _back_up,
@@ -18,6 +18,7 @@ from ._files import (
     _remove_dir,
     _write_atomic,
 )
+from ._names import DEFAULT_NAMESPACE
 from ._render import _says_created, is_ours, render_hosts_toml
 from ._steps import _HOSTS_NAME, InstallStep, UndoStep, install_step, undo_step
 
@@ -48,21 +49,23 @@ def _plan_install(
             f"{host_dir.hosts} is a symlink to nothing; fix or remove it first"
         )
     ours = current is not None and is_ours(current)
-    # What containerd read before our first install: the backup if we made
-    # one, else a foreign file, else (None) the certificate files.
-    from_backup = backup is not None or ours
-    original = backup if from_backup else current
     if ours:
         created = _says_created(current)
     else:
         created = current is None and backup is None and not host_dir.path.exists()
-    source = host_dir.backup if from_backup else host_dir.hosts
+    default_dir = _HostDir(host_dir.path.parent / DEFAULT_NAMESPACE)
+    if created and registry != DEFAULT_NAMESPACE and default_dir.path.is_dir():
+        # Without a directory of its own the registry was read from
+        # _default, which the one we create hides from containerd.
+        carried = rebased(_original(default_dir), f"../{DEFAULT_NAMESPACE}")
+    else:
+        carried = _original(host_dir)
     render = functools.partial(
         render_hosts_toml,
         registry,
         mirror,
         skip_verify=skip_verify,
-        carried=_carry_over(host_dir, original, source),
+        carried=carried,
         created_dir=created,
     )
     desired = render().encode()
@@ -72,6 +75,17 @@ def _plan_install(
         # With several registries, the operator must know which directory.
         raise HostsConfigError(f"{host_dir.path}: {exc}") from None
     return _Install(host_dir, step, desired, render(redact_secrets=True), created)
+
+
+def _original(host_dir: _HostDir) -> Carried:
+    """What containerd read from ``host_dir`` before our first install."""
+    current, backup = host_dir.read_hosts(), host_dir.read_backup()
+    # The backup if we made one, else a foreign file, else (None) the
+    # certificate files.
+    from_backup = backup is not None or (current is not None and is_ours(current))
+    original = backup if from_backup else current
+    source = host_dir.backup if from_backup else host_dir.hosts
+    return _carry_over(host_dir, original, source)
 
 
 def _carry_over(host_dir: _HostDir, original: bytes | None, source: Path) -> Carried:
