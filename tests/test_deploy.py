@@ -1,0 +1,216 @@
+"""The Kubernetes manifests under ``deploy/``, run as far as this machine can.
+
+There is no cluster here, so the test does the kubelet's part by hand: it
+writes the ConfigMap's and the Secret's files where their volumes are
+mounted, expands ``$(VAR)`` in the arguments, and runs each container's
+command as a real process. Host paths and the mirror's ports move into the
+test's own directory and free ports, and the example TCR upstream becomes
+a real docker-registry; everything else is what the manifests say. What
+must hold: the init container points containerd at the mirror's address;
+the node serves the pull API there, its probes answer 200 on the paths and
+ports they name, Prometheus finds ``/metrics`` on the port the PodMonitor
+names, every series the alert rules use is one the node exposes, and
+SIGTERM ends the node cleanly within the grace period.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from support.images import PushedImage, push_image
+from support.processes import stop_process
+from support.registry import Registry, free_port
+from support.waiting import wait_until
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+# Bounds waits only.
+TIMEOUT = 30.0
+
+
+def documents(name: str) -> dict[str, dict[str, Any]]:
+    """The manifests of one file, by kind."""
+    with (DEPLOY / name).open() as file:
+        return {doc["kind"]: doc for doc in yaml.safe_load_all(file) if doc}
+
+
+@dataclass
+class Kubelet:
+    """What the test plays of the kubelet: volumes as directories, and
+    the rewrites that keep a run on this machine."""
+
+    root: Path
+    rewrites: dict[str, str]
+
+    def mount(self, pod: dict[str, Any], *containers: dict[str, Any]) -> None:
+        """Make each of the containers' volumes a directory of the test,
+        then fill those of the ConfigMap and the Secret (whose files name
+        the others' paths)."""
+        mounts = [m for c in containers for m in c.get("volumeMounts", [])]
+        for mount in mounts:
+            directory = self.root / mount["name"]
+            directory.mkdir(exist_ok=True)
+            self.rewrites[mount["mountPath"]] = str(directory)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for mount in mounts:
+            directory = self.root / mount["name"]
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                config_map = documents("node.yaml")["ConfigMap"]
+                assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+                for key, text in config_map["data"].items():
+                    (directory / key).write_text(self.rewrite(text))
+            if "secret" in volume:
+                # The Secret the header comment tells the operator to make.
+                (directory / "upstream.credentials").write_text("user:secret\n")
+
+    def rewrite(self, text: str) -> str:
+        # Longest first: a mount path may be the prefix of another.
+        for old in sorted(self.rewrites, key=len, reverse=True):
+            text = text.replace(old, self.rewrites[old])
+        return text
+
+    def command(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
+        args = [self.rewrite(arg) for arg in container["args"]]
+        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], arg) for arg in args]
+        return [sys.executable, "-m", "tcr_mirror", *args]
+
+
+@dataclass
+class RunningNode:
+    kubelet: Kubelet
+    process: subprocess.Popen[bytes]
+    log: Path
+    mirror_port: int
+    metrics_port: int
+
+
+@pytest.fixture(scope="module")
+def image(module_registry: Registry) -> PushedImage:
+    return push_image(module_registry, "deploy/app", "v1", layer_sizes=[4096])
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory,
+    module_registry: Registry,
+    image: PushedImage,
+) -> Iterator[RunningNode]:
+    daemon_set = documents("node.yaml")["DaemonSet"]
+    pod = daemon_set["spec"]["template"]["spec"]
+    mirror_port, metrics_port = free_port(), free_port()
+    kubelet = Kubelet(
+        tmp_path_factory.mktemp("kubelet"),
+        {
+            "127.0.0.1:5000": f"127.0.0.1:{mirror_port}",
+            ":9105": f":{metrics_port}",
+            "https://example.tencentcloudcr.com": module_registry.url,
+        },
+    )
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    kubelet.mount(pod, init, container)
+
+    configured = subprocess.run(
+        kubelet.command(init, {}), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert configured.returncode == 0, configured.stderr
+
+    env = {"NODE_IP": "127.0.0.1"}  # status.hostIP, here
+    log = kubelet.root / "node.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            kubelet.command(container, env), stdout=sink, stderr=sink
+        )
+    try:
+        wait_until(lambda: b"node_listening" in log.read_bytes(), "the node to listen")
+        yield RunningNode(kubelet, process, log, mirror_port, metrics_port)
+    finally:
+        stop_process(process)
+
+
+def test_the_init_container_points_containerd_at_the_mirror(
+    node: RunningNode,
+) -> None:
+    certs_dir = Path(node.kubelet.rewrites["/etc/containerd/certs.d"])
+    hosts = tomllib.loads(
+        (certs_dir / "example.tencentcloudcr.com" / "hosts.toml").read_text()
+    )
+    assert hosts["server"] == "https://example.tencentcloudcr.com"
+    assert list(hosts["host"]) == [f"http://127.0.0.1:{node.mirror_port}"]
+
+
+def test_the_node_pulls_and_answers_its_probes(
+    node: RunningNode, image: PushedImage
+) -> None:
+    pod = documents("node.yaml")["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        port = node.mirror_port if check["port"] == 5000 else check["port"]
+        answer = httpx.get(
+            f"http://{check['host']}:{port}{check['path']}", timeout=TIMEOUT
+        )
+        assert answer.status_code == 200, (probe, answer.text)
+
+    digest, data = image.layers[0]
+    blob = httpx.get(
+        f"http://127.0.0.1:{node.mirror_port}/v2/deploy/app/blobs/{digest}",
+        timeout=TIMEOUT,
+    )
+    assert blob.status_code == 200
+    assert blob.content == data
+
+
+def test_prometheus_finds_every_series_the_alerts_use(node: RunningNode) -> None:
+    monitoring = documents("monitoring.yaml")
+    pod_template = documents("node.yaml")["DaemonSet"]["spec"]["template"]
+    (container,) = pod_template["spec"]["containers"]
+    (endpoint,) = monitoring["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    selector = monitoring["PodMonitor"]["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_template["metadata"]["labels"].items()
+    (port,) = [p for p in container["ports"] if p["name"] == endpoint["port"]]
+    assert port["containerPort"] == 9105
+
+    # Labelled series appear with their first sample: one pull through.
+    pulled = httpx.get(
+        f"http://127.0.0.1:{node.mirror_port}/v2/deploy/app/manifests/v1",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        timeout=TIMEOUT,
+    )
+    assert pulled.status_code == 200
+    page = httpx.get(
+        f"http://127.0.0.1:{node.metrics_port}{endpoint['path']}", timeout=TIMEOUT
+    )
+    assert page.status_code == 200
+    exposed = set(re.findall(r"^(tcr_mirror_\w+)", page.text, re.MULTILINE))
+    rules = [
+        rule
+        for group in monitoring["PrometheusRule"]["spec"]["groups"]
+        for rule in group["rules"]
+    ]
+    used = {
+        name for rule in rules for name in re.findall(r"tcr_mirror_\w+", rule["expr"])
+    }
+    assert used, "the rules name no series of the mirror"
+    assert used <= exposed, used - exposed
+
+
+def test_sigterm_ends_the_node_within_its_grace_period(node: RunningNode) -> None:
+    """Last in the module: it stops the shared node."""
+    pod = documents("node.yaml")["DaemonSet"]["spec"]["template"]["spec"]
+    node.process.send_signal(signal.SIGTERM)
+    status = node.process.wait(timeout=pod["terminationGracePeriodSeconds"])
+    assert status == 0
+    assert b"Traceback" not in node.log.read_bytes()
