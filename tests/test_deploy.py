@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ import httpx
 import pytest
 import yaml
 
+from support.control_sim import sim_env, sim_process
 from support.images import PushedImage, push_image
 from support.processes import stop_process
 from support.registry import Registry, free_port
 from support.waiting import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+NODE_SECRET = "node-secret-deploy-test-5c1e"
 # Bounds waits only.
 TIMEOUT = 30.0
 
@@ -48,10 +50,18 @@ def documents(name: str) -> dict[str, dict[str, Any]]:
 @dataclass
 class Kubelet:
     """What the test plays of the kubelet: volumes as directories, and
-    the rewrites that keep a run on this machine."""
+    the rewrites that keep a run on this machine.
+
+    Attributes:
+        root: Where the volumes' directories go.
+        rewrites: Text replaced in arguments and in the files written.
+        secrets: The files of each Secret, as the manifests' header
+            comments tell the operator to create them.
+    """
 
     root: Path
     rewrites: dict[str, str]
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def mount(self, pod: dict[str, Any], *containers: dict[str, Any]) -> None:
         """Make each of the containers' volumes a directory of the test,
@@ -72,8 +82,8 @@ class Kubelet:
                 for key, text in config_map["data"].items():
                     (directory / key).write_text(self.rewrite(text))
             if "secret" in volume:
-                # The Secret the header comment tells the operator to make.
-                (directory / "upstream.credentials").write_text("user:secret\n")
+                for key, text in self.secrets[volume["secret"]["secretName"]].items():
+                    (directory / key).write_text(text)
 
     def rewrite(self, text: str) -> str:
         # Longest first: a mount path may be the prefix of another.
@@ -117,6 +127,7 @@ def node(
             ":9105": f":{metrics_port}",
             "https://example.tencentcloudcr.com": module_registry.url,
         },
+        {"tcr-mirror-upstream": {"upstream.credentials": "user:secret\n"}},
     )
     (init,) = pod["initContainers"]
     (container,) = pod["containers"]
@@ -214,3 +225,68 @@ def test_sigterm_ends_the_node_within_its_grace_period(node: RunningNode) -> Non
     status = node.process.wait(timeout=pod["terminationGracePeriodSeconds"])
     assert status == 0
     assert b"Traceback" not in node.log.read_bytes()
+
+
+def test_the_control_plane_hands_nodes_tokens_from_tcr(tmp_path: Path) -> None:
+    """``control serve`` as the Deployment runs it, with the simulator as
+    TCR's API and its instance as the registry."""
+    docs = documents("control.yaml")
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (env_from,) = container["envFrom"]
+    assert env_from["secretRef"]["name"] == "tcr-mirror-cloud"
+    assert docs["Service"]["spec"]["selector"].items() <= (
+        docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    )
+    port = free_port()
+    with sim_process("deploy-test") as sim:
+        instances = sim["instances"]
+        assert isinstance(instances, dict)
+        kubelet = Kubelet(
+            tmp_path,
+            {
+                "0.0.0.0:8750": f"127.0.0.1:{port}",
+                "tcr-xxxxxxxx": instances["deploy-test"],
+            },
+            {"tcr-mirror-node-secret": {"node-secret": NODE_SECRET}},
+        )
+        kubelet.mount(pod, container)
+        # The one change for a machine without TCR: its API is the simulator.
+        command = [*kubelet.command(container, {}), f"--endpoint={sim['endpoint']}"]
+        log = tmp_path / "control.log"
+        with log.open("wb") as sink:
+            # sim_env() holds the cloud Secret's two keys.
+            process = subprocess.Popen(command, env=sim_env(), stdout=sink, stderr=sink)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(
+                lambda: b"control_serve_listening" in log.read_bytes(),
+                "control serve to listen",
+            )
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe["port"] == 8750
+            assert (
+                httpx.get(f"{base}{probe['path']}", timeout=TIMEOUT).status_code == 200
+            )
+
+            def credentials() -> httpx.Response:
+                return httpx.get(
+                    f"{base}/v1/credentials",
+                    params={"registry": "example.tencentcloudcr.com"},
+                    headers={"Authorization": f"Bearer {NODE_SECRET}"},
+                    timeout=TIMEOUT,
+                )
+
+            wait_until(lambda: credentials().status_code == 200, "a token for nodes")
+            assert credentials().json()["password"]
+            audit = (
+                Path(kubelet.rewrites["/var/lib/tcr-mirror-control"]) / "audit.jsonl"
+            )
+            assert "CreateInstanceToken" in audit.read_text()
+
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=pod["terminationGracePeriodSeconds"])
+            assert status == 0
+            assert NODE_SECRET.encode() not in log.read_bytes()
+        finally:
+            stop_process(process)
