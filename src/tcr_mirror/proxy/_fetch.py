@@ -341,7 +341,11 @@ class BlobFetcher:
                     raise
                 self._make_room(fetch, fetch.size - fetch.written, exc)
                 # The hash ran ahead of the writes; it must cover just the
-                # bytes the file holds, the ones the resume goes on from.
+                # bytes the file holds, the ones the resume goes on from,
+                # read back only once their writeback is known to have
+                # succeeded (else a lost page would pass for the upstream's
+                # wrong bytes).
+                await trio.to_thread.run_sync(os.fsync, fd)
                 hasher = await trio.to_thread.run_sync(
                     _hash_file, fetch.path, fetch.written, fetch.digest.algorithm
                 )
