@@ -9,13 +9,17 @@ a real docker-registry; everything else is what the manifests say. What
 must hold: the init container points containerd at the mirror's address;
 the node serves the pull API there, its probes answer 200 on the paths and
 ports they name, Prometheus finds ``/metrics`` on the port the PodMonitor
-names, every series the alert rules use is one the node exposes, and
-SIGTERM ends the node cleanly within the grace period.
+names, every series the alert rules use is one the node exposes, the
+rules fire on the samples their comments describe (with promtool, where it
+is installed), a second node on the same data directory does not start (so
+the rollout must not surge), and SIGTERM ends the node cleanly within the
+grace period.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +220,121 @@ def test_prometheus_finds_every_series_the_alerts_use(node: RunningNode) -> None
     }
     assert used, "the rules name no series of the mirror"
     assert used <= exposed, used - exposed
+
+
+def test_the_rollout_stops_the_old_pod_before_the_new_starts(
+    node: RunningNode,
+) -> None:
+    """A new pod beside the old one, as a surge would start it, finds the
+    data directory locked and exits; so the DaemonSet must not surge."""
+    daemon_set = documents("node.yaml")["DaemonSet"]
+    pod = daemon_set["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    rolling = daemon_set["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling.get("maxSurge", 0) in (0, "0%")
+
+    second = subprocess.run(
+        node.kubelet.command(container, {"NODE_IP": "127.0.0.1"}),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert second.returncode != 0
+    assert "in use by another tcr-mirror" in second.stdout + second.stderr
+    assert node.process.poll() is None
+
+
+# Samples for promtool, one minute apart, as (series, pod, its other
+# labels, values): what each rule's comment says it catches, and what it
+# must not.
+UPSTREAM_REQUESTS = "tcr_mirror_upstream_requests_total"
+LAST_SUCCESS = "tcr_mirror_upstream_last_success_timestamp_seconds"
+RULE_SERIES = [
+    # Errors since a success 40 minutes old; errors (5xx) and no success
+    # ever (no gauge); errors, but a success a minute ago.
+    (UPSTREAM_REQUESTS, "a", 'upstream="u",status="error"', "0+1x40"),
+    (LAST_SUCCESS, "a", 'upstream="u"', "0x40"),
+    (UPSTREAM_REQUESTS, "b", 'upstream="u",status="503"', "0+1x40"),
+    (UPSTREAM_REQUESTS, "c", 'upstream="u",status="error"', "0+1x40"),
+    (LAST_SUCCESS, "c", 'upstream="u"', "0+60x40"),
+    # One 507 at minute 20, its series' first sample; one long ago.
+    (
+        "tcr_mirror_requests_total",
+        "a",
+        'kind="blob",method="GET",status="507"',
+        "_x20 1x40",
+    ),
+    ("tcr_mirror_requests_total", "b", 'kind="blob",method="GET",status="507"', "1x60"),
+    # Twice the budget evicted per hour; a tenth of it.
+    ("tcr_mirror_store_evicted_bytes_total", "a", "", "0+2000x200"),
+    ("tcr_mirror_store_budget_bytes", "a", "", "60000x200"),
+    ("tcr_mirror_store_evicted_bytes_total", "b", "", "0+100x200"),
+    ("tcr_mirror_store_budget_bytes", "b", "", "60000x200"),
+]
+RULE_EXPECTED = [
+    ("30m", "TcrMirrorUpstreamUnreachable", ["a", "b"]),
+    ("25m", "TcrMirrorStoreFull", ["a"]),
+    ("50m", "TcrMirrorStoreFull", []),
+    ("150m", "TcrMirrorEvictionChurn", ["a"]),
+]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+def test_the_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
+    rule = documents("monitoring.yaml")["PrometheusRule"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    by_name = {
+        r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]
+    }
+
+    def alert(name: str, pod: str) -> dict[str, Any]:
+        labels = {"instance": f"{pod}:9105", "pod": pod, **by_name[name]["labels"]}
+        if name == "TcrMirrorUpstreamUnreachable":
+            labels["upstream"] = "u"
+        if name == "TcrMirrorStoreFull":
+            labels.update(kind="blob", method="GET", status="507")
+        # The summaries name only labels the alert keeps.
+        summary = re.sub(
+            r"\{\{ \$labels\.(\w+) \}\}",
+            lambda m: labels[m[1]],
+            by_name[name]["annotations"]["summary"],
+        )
+        return {"exp_labels": labels, "exp_annotations": {"summary": summary}}
+
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'{name}{{instance="{pod}:9105",pod="{pod}"'
+                        + (f",{labels}}}" if labels else "}"),
+                        "values": values,
+                    }
+                    for name, pod, labels, values in RULE_SERIES
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": at,
+                        "alertname": name,
+                        "exp_alerts": [alert(name, pod) for pod in pods],
+                    }
+                    for at, name, pods in RULE_EXPECTED
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    checked = subprocess.run(
+        ["promtool", "test", "rules", str(tmp_path / "test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_sigterm_ends_the_node_within_its_grace_period(node: RunningNode) -> None:
