@@ -171,7 +171,7 @@ def test_the_node_pulls_and_answers_its_probes(
 ) -> None:
     pod = documents("node.yaml")["DaemonSet"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         check = container[probe]["httpGet"]
         port = node.mirror_port if check["port"] == 5000 else check["port"]
         answer = httpx.get(
