@@ -1,6 +1,7 @@
 """Randomized fault soak of the node mirror: many faults at once, invariants.
 
-Run ``.venv/bin/python loadtest/soak_node.py [--seconds 120] [--seed N]``.
+Run ``.venv/bin/python loadtest/soak_node.py [--seconds 120] [--seed N]``
+(``--tmpfs-mib N``, as root: the data directory on a tmpfs that fills up).
 Everything runs on 127.0.0.1 in a temporary directory removed at the end:
 docker-registry (upstream) <- FaultProxy <- ``tcr-mirror node`` <- clients.
 Client threads pull blobs (whole, ranged, cut short), HEADs and manifests
@@ -15,6 +16,7 @@ checker only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,12 +28,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import httpx
+import lmdb
+
+from tcr_mirror.proxy._errors import StoreFull
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -53,6 +58,9 @@ OK_5XX = frozenset({502, 503, 504, 507})
 OK_4XX = frozenset({429})
 # Past --seconds: clients finish their request, the node drains, checks run.
 GRACE = 60.0
+# The smallest --tmpfs-mib: the largest blob (64 MiB) must fit beside the
+# index, which is in the data directory too, or no final pull could pass.
+MIN_TMPFS_MIB = 72
 CLIENT_TIMEOUT = httpx.Timeout(connect=3, read=20, write=10, pool=10)
 
 
@@ -73,7 +81,21 @@ def status_violation(method: str, status: int, body: bytes) -> str | None:
         errors = None
     if not isinstance(errors, list) or not errors:
         return f"status {status} without OCI error JSON: {body[:80]!r}"
+    code = errors[0].get("code") if isinstance(errors[0], dict) else None
+    if status == StoreFull.status and code != StoreFull.code:
+        return f"status {status} with code {code!r}, not {StoreFull.code}"
     return None
+
+
+def index_violations(entries: dict[str, int], files: dict[str, int]) -> list[str]:
+    """Where the index (blob key -> size) and the blob files disagree."""
+    problems = [
+        f"{key}: indexed with {size} B, file has {files.get(key, 'none')}"
+        for key, size in sorted(entries.items())
+        if files.get(key) != size
+    ]
+    problems += [f"{key}: file not indexed" for key in sorted(files.keys() - entries)]
+    return problems
 
 
 class Checker:
@@ -223,6 +245,13 @@ class Node:
         left = sorted(p.name for p in (self.process.data_dir / "tmp").glob("*"))
         if left:
             checker.violation("recovery", f"tmp/ not empty after recovery: {left}")
+        # Recovery makes the index and the files agree, unless (a full disk)
+        # it logged an index write it could not make.
+        excused = ("blob_not_indexed", "index_write_failed")
+        if not any(self.process.events_named(name, offset) for name in excused):
+            problems = index_violations(*read_store(self.process.data_dir))
+            if problems:
+                checker.violation("index", f"after recovery: {problems[:3]}")
         with self._lock:
             self._url = self.process.url
 
@@ -253,6 +282,24 @@ class Node:
             return
         if status != 0:
             checker.violation("drain", f"node exited with {status} after SIGTERM")
+
+
+def read_store(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """The index's blob sizes and the blob files' sizes, by ``alg:hex``.
+
+    The index is read through LMDB's lock, so the node may be running.
+    """
+    entries = {}
+    with lmdb.open(str(data_dir / "index"), readonly=True, max_dbs=4) as env:
+        db = env.open_db(b"blobs", create=False)
+        with env.begin(db=db) as txn:
+            for key, record in txn.cursor():
+                entries[key.decode()] = int.from_bytes(record[:8], "little")
+    files = {
+        f"{path.parent.parent.name}:{path.name}": path.stat().st_size
+        for path in (data_dir / "blobs").glob("*/*/*")
+    }
+    return entries, files
 
 
 def check_blob_files(data_dir: Path, checker: Checker) -> int:
@@ -397,6 +444,10 @@ def random_faults(rng: random.Random) -> list[Fault]:
     kind = rng.choice(list(FaultKind))
     fault = Fault(kind, times=rng.randint(1, 3), seconds=rng.uniform(0.5, 8))
     fault.path_contains = rng.choice(["/blobs/", "/blobs/", "/manifests/", "/v2/"])
+    if kind is FaultKind.REDIRECT:
+        # Registries redirect blobs to storage; the proxy's storage listener
+        # drops Accept, for which docker-registry 404s an OCI manifest.
+        fault.path_contains = "/blobs/"
     if kind in (FaultKind.STATUS, FaultKind.CLOSE, FaultKind.STALL_HEAD):
         fault.methods = rng.choice([frozenset({"GET"}), frozenset({"GET", "HEAD"})])
     if kind in (FaultKind.CUT, FaultKind.STALL_BODY):
@@ -485,6 +536,17 @@ def final_pull(node: Node, blobs: list[Blob], checker: Checker) -> None:
                 )
 
 
+def final_checks(node: Node, checker: Checker) -> None:
+    """Kill the node, check its files, and check one more recovery."""
+    node.kill()
+    check_blob_files(node.process.data_dir, checker)
+    try:
+        node.start(checker)
+    except RuntimeError as exc:
+        checker.violation("restart", str(exc)[-300:].replace("\n", " | "))
+    node.kill()
+
+
 # -- the run ---------------------------------------------------------------
 
 
@@ -514,14 +576,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="default: random")
     parser.add_argument("--clients", type=positive(int), default=6)
     budget = "the node's store budget, so eviction happens; 0: no limit"
-    parser.add_argument("--max-store-bytes", type=int, default=96 * MIB, help=budget)
+    parser.add_argument("--max-store-bytes", type=int, help=budget)
+    tmpfs = "the data directory on a tmpfs of this size (as root), no budget"
+    parser.add_argument("--tmpfs-mib", type=positive(int), help=tmpfs)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
+    if args.tmpfs_mib is not None:
+        if args.max_store_bytes is not None:
+            parser.error("--tmpfs-mib runs without a budget: no --max-store-bytes")
+        if args.tmpfs_mib < MIN_TMPFS_MIB:
+            parser.error(f"--tmpfs-mib must be >= {MIN_TMPFS_MIB}")
+        args.max_store_bytes = 0
+    elif args.max_store_bytes is None:
+        args.max_store_bytes = 96 * MIB
     if args.max_store_bytes < 0:
         parser.error("--max-store-bytes must be >= 0")
     if args.seed is None:
         args.seed = random.randrange(1 << 32)
     return args
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, mib: int | None) -> Iterator[None]:
+    """``path`` on a tmpfs of ``mib`` MiB while inside (None: no mount);
+    unmounted on the way out, lazily if still busy."""
+    path.mkdir()
+    if mib is None:
+        yield
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={mib}M", "tmpfs", str(path)]
+    subprocess.run(mount, check=True)
+    try:
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def disk_full_counts(events: list[dict[str, object]]) -> dict[str, int]:
+    """How often the node met a full disk, from its log events."""
+    counts = {"space made": 0, "evicted": 0, "fetch refused, no space": 0}
+    for event in events:
+        name = event.get("event")
+        if name == "blob_space_made":
+            counts["space made"] += 1
+        elif name == "blob_evicted":
+            counts["evicted"] += 1
+        elif name == "blob_fetch_failed" and "no space" in str(event.get("reason")):
+            counts["fetch refused, no space"] += 1
+    return counts
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Checker:
@@ -531,6 +634,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Checker:
     proxy: FaultProxy | None = None
     node: Node | None = None
     threads: list[threading.Thread] = []
+    mounted = contextlib.ExitStack()
     try:
         upstream.start()
         blobs, manifests = seed_upstream(upstream, workdir)
@@ -541,6 +645,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Checker:
                      "--drain-timeout", "3"]  # fmt: skip
         if args.max_store_bytes:
             node_args += ["--max-store-bytes", str(args.max_store_bytes)]
+        mounted.enter_context(tmpfs(workdir / "data", args.tmpfs_mib))
         node = Node(workdir / "data", workdir / "node.log", node_args)
         node.start(checker)
 
@@ -564,11 +669,11 @@ def run(args: argparse.Namespace, workdir: Path) -> Checker:
                 checker.violation("bounded", f"{thread.name} still running after grace")
         if node.alive(checker):
             final_pull(node, blobs, checker)
-            node.kill()
-            check_blob_files(node.process.data_dir, checker)
+            final_checks(node, checker)
     finally:
         if node is not None:
             node.kill()
+        mounted.close()
         if proxy is not None:
             proxy.stop()
             gets = [
@@ -579,13 +684,22 @@ def run(args: argparse.Namespace, workdir: Path) -> Checker:
             log(f"upstream blob GETs: {len(gets)} ({resumes} ranged)")
             log(f"faults applied: {applied} of {len(checker.faults)} armed")
         upstream.stop()
-    text = node.process.log_text() if node is not None else ""
+    if node is not None:
+        check_log(node, checker, args.tmpfs_mib)
+    return checker
+
+
+def check_log(node: Node, checker: Checker, tmpfs_mib: int | None) -> None:
+    """No traceback in the node's log; what happened, on stderr."""
+    text = node.process.log_text()
     if "Traceback" in text:
         excerpt = text[text.index("Traceback") :][:300].replace("\n", " | ")
         checker.violation("traceback", excerpt)
-    restarts = node.restarts if node is not None else 0
-    log(f"node restarts: {restarts}; answers: {dict(sorted(checker.counts.items()))}")
-    return checker
+    if tmpfs_mib is not None:
+        counts = disk_full_counts(node.process.events())
+        log(f"disk full on the {tmpfs_mib} MiB tmpfs: {counts}")
+    answers = dict(sorted(checker.counts.items()))
+    log(f"node restarts: {node.restarts}; answers: {answers}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the run like Ctrl-C: the finally blocks stop every process.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="tcr-soak-"))
-    log(f"soak: seed {args.seed}, {args.seconds} s, {args.clients} clients, {workdir}")
+    store = f"{args.max_store_bytes} B budget"
+    if args.tmpfs_mib:
+        store = f"{args.tmpfs_mib} MiB tmpfs"
+    log(f"soak: seed {args.seed}, {args.seconds} s, {args.clients} clients, "
+        f"{store}, {workdir}")  # fmt: skip
     try:
         checker = run(args, workdir)
     except KeyboardInterrupt:

@@ -45,6 +45,9 @@ def test_answers_a_client_may_get(method: str, status: int, body: bytes) -> None
         ("GET", 503, b"upstream down"),
         ("GET", 502, b'{"errors": []}'),
         ("GET", 504, b"[1]"),
+        # A full store is StoreFull's error, nothing else.
+        ("GET", 507, b'{"errors": [{"code": "DENIED", "message": "x"}]}'),
+        ("GET", 507, b'{"errors": ["full"]}'),
     ],
 )
 def test_answers_that_break_the_rules(method: str, status: int, body: bytes) -> None:
@@ -101,8 +104,28 @@ def test_a_body_longer_than_the_file_is_wrong(tmp_path: Path) -> None:
     assert comparer.wrong_at == 2
 
 
+def test_the_index_and_the_files_must_agree() -> None:
+    files = {"sha256:aa": 10, "sha256:bb": 20}
+    assert soak_node.index_violations(dict(files), files) == []
+
+    entries = {"sha256:aa": 10, "sha256:bb": 21, "sha256:cc": 5}
+    assert soak_node.index_violations(entries, files | {"sha256:dd": 1}) == [
+        "sha256:bb: indexed with 21 B, file has 20",
+        "sha256:cc: indexed with 5 B, file has none",
+        "sha256:dd: file not indexed",
+    ]
+
+
 @pytest.mark.parametrize(
-    "argv", [["--seconds", "0"], ["--clients", "x"], ["--max-store-bytes", "-1"]]
+    "argv",
+    [
+        ["--seconds", "0"],
+        ["--clients", "x"],
+        ["--max-store-bytes", "-1"],
+        ["--tmpfs-mib", "0"],
+        ["--tmpfs-mib", "64"],  # no room for the 64 MiB blob and the index
+        ["--tmpfs-mib", "100", "--max-store-bytes", "1000"],
+    ],
 )
 def test_a_bad_argument_is_one_line(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -114,6 +137,12 @@ def test_a_bad_argument_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("usage error:")
     assert err.count("\n") == 1
+
+
+def test_a_tmpfs_store_has_no_budget() -> None:
+    assert soak_node.parse_args([]).max_store_bytes == 96 * soak_node.MIB
+    args = soak_node.parse_args(["--tmpfs-mib", "100"])
+    assert (args.tmpfs_mib, args.max_store_bytes) == (100, 0)
 
 
 def test_a_seed_is_chosen_when_none_is_given() -> None:
@@ -134,3 +163,11 @@ def test_a_range_fault_comes_after_a_cut_it_can_meet() -> None:
         else:
             assert len(faults) == 1
         assert all(fault.times is not None for fault in faults)
+
+
+def test_only_blobs_are_redirected() -> None:
+    rng = random.Random(5)
+    faults = [fault for _ in range(300) for fault in soak_node.random_faults(rng)]
+    redirects = [fault for fault in faults if fault.kind is FaultKind.REDIRECT]
+    assert redirects
+    assert all(fault.path_contains == "/blobs/" for fault in redirects)
