@@ -473,3 +473,25 @@ def test_tag_is_served_stale_when_the_upstream_fails(
     proxy.clear_faults()
     assert pull(manifest_url(node, TAG), accept).status == 200
     assert_serves(node, proxy, image)
+
+
+@pytest.mark.parametrize("reference", ["tag", "digest"], ids=["by-tag", "by-digest"])
+def test_a_manifest_damaged_on_its_way_is_neither_served_nor_kept(
+    node: NodeProcess, proxy: FaultProxy, image: PushedImage, reference: str
+) -> None:
+    """The soak (loadtest/soak_node.py) found it: by tag, a flipped byte
+    was kept and served under the digest of the damaged bytes."""
+    accept = {"Accept": OCI_MANIFEST}
+    name = TAG if reference == "tag" else image.manifest_digest
+    proxy.add_fault(Fault(FaultKind.CORRUPT, times=1, path_contains="/manifests/"))
+
+    damaged = pull(manifest_url(node, name), accept)
+
+    assert (damaged.status, damaged.error_code()) == (503, "UNAVAILABLE")
+    assert "does not match" in damaged.body.decode()
+    again = pull(manifest_url(node, name), accept)
+    assert again.status == 200
+    assert digest_of(again.body) == image.manifest_digest
+    assert again.headers["docker-content-digest"] == image.manifest_digest
+    # Nothing of the damaged answer was kept: the tag stays on the real one.
+    assert pull(manifest_url(node, TAG), accept).body == again.body

@@ -202,15 +202,9 @@ class Mirror:
             # The digest fixes the bytes whatever the client accepts, and a
             # registry refuses types missing from Accept: ask for them all.
             everything = f"{_DEFAULT_ACCEPT}, {accept}" if accept else ""
-            manifest = await self._get_manifest(
-                upstream, route.name, str(digest), everything, digest.algorithm
+            return await self._get_manifest(
+                upstream, route.name, str(digest), everything, named=digest
             )
-            if manifest.digest != digest:
-                raise UpstreamUnavailable(
-                    f"upstream {upstream.key} sent a manifest that does not "
-                    f"match {digest}"
-                )
-            return manifest
 
         key = (upstream.key, route.name, str(digest))
         return await self._manifest_flights.do(key, fetch)
@@ -272,7 +266,9 @@ class Mirror:
         if digest is not None and stored is not None and stored[0] == media_type:
             manifest = _Manifest(digest, *stored)
         else:
-            manifest = await self._get_manifest(upstream, name, tag, accept)
+            manifest = await self._get_manifest(
+                upstream, name, tag, accept, headed=digest
+            )
         entry = TagEntry(str(manifest.digest), manifest.media_type, time.time())
         self._store.put_tag(upstream.key, name, tag, entry, variant)
         return manifest
@@ -300,8 +296,23 @@ class Mirror:
         name: str,
         reference: str,
         accept: str,
-        algorithm: str = "sha256",
+        *,
+        named: Digest | None = None,
+        headed: Digest | None = None,
     ) -> _Manifest:
+        """GET a manifest and keep it, once its bytes match the digest it
+        goes by.
+
+        That digest is ``named`` (asked for by digest), else the answer's
+        ``Docker-Content-Digest``, else ``headed`` (what a HEAD of the tag
+        just said; the answer's own header wins, as the tag may have moved
+        in between). A body that matches none it should was damaged on the
+        way and is neither kept nor served.
+
+        Raises:
+            UpstreamUnavailable: The bytes do not match; or the upstream
+                failed.
+        """
         path = f"/v2/{name}/manifests/{reference}"
         headers = {"Accept": _upstream_accept(accept)}
         async with upstream.request("GET", path, repository=name, headers=headers) as r:
@@ -311,12 +322,19 @@ class Mirror:
                 r, _MAX_MANIFEST, upstream.key, deadline=upstream.timeouts.read
             )
             media_type = r.headers.get("content-type", "")
+            expected = named or _digest_header(r.headers) or headed
         # Kept and sent on as a header: it must be printable ASCII.
         if not (media_type and media_type.isascii() and media_type.isprintable()):
             raise ManifestInvalid(
                 f"upstream {upstream.key} sent no usable manifest media type"
             )
+        algorithm = expected.algorithm if expected else "sha256"
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
+        if expected is not None and digest != expected:
+            raise UpstreamUnavailable(
+                f"upstream {upstream.key} sent a manifest that does not match "
+                f"{expected}"
+            )
         self._store.put_manifest(digest, media_type, body)
         return _Manifest(digest, media_type, body, source="upstream")
 
@@ -583,6 +601,13 @@ def relative_link(link: str, namespace: str | None) -> str:
         target = target.copy_set_param("ns", namespace)
     relative = target.raw_path.decode("ascii")
     return f"<{relative}>{link[end + 1 :]}"
+
+
+def _digest_header(headers: httpx.Headers) -> Digest | None:
+    try:
+        return parse_digest(headers.get("docker-content-digest", ""))
+    except RegistryError:
+        return None
 
 
 async def _read_limited(
