@@ -30,6 +30,19 @@ from tcr_mirror.control.sim._personal import push_tag
 SECRET_ID = "AKIDclienttest0000000000"
 SECRET_KEY = "client-test-secret-key-0123"
 CREDENTIALS = CloudCredentials(SECRET_ID, SECRET_KEY)
+
+
+def recording(endpoint: str, records: list[CallRecord], **options: Any) -> TcrClient:
+    """A client of ``endpoint`` whose every call lands in ``records``."""
+    return TcrClient(
+        CREDENTIALS,
+        region="ap-guangzhou",
+        endpoint=endpoint,
+        on_call=records.append,
+        **options,
+    )
+
+
 KEY = SigningKey.generate()
 
 Sim = tuple[Simulator, str]
@@ -657,9 +670,7 @@ async def test_other_errors_are_not_retried(sim: Sim, code: str) -> None:
     simulator, endpoint = sim
     simulator.state.inject("DescribeInstances", code, times=2)
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS, region="ap-guangzhou", endpoint=endpoint, on_call=records.append
-    ) as tcr:
+    async with recording(endpoint, records) as tcr:
         await _expect(tcr, "DescribeInstances", {}, code)
         await _expect(tcr, "DescribeInstances", {}, code)
         await tcr.call("DescribeInstances")
@@ -693,13 +704,7 @@ async def test_a_write_cancelled_mid_flight_is_recorded_as_maybe_applied(
     the audit log (the on_call hook) must hear of the call all the same."""
     simulator, endpoint = sim
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS,
-        region="ap-guangzhou",
-        endpoint=endpoint,
-        timeout=60,
-        on_call=records.append,
-    ) as tcr:
+    async with recording(endpoint, records, timeout=60) as tcr:
         registry_id = await _instance(tcr)
         simulator.state.lose_answer("CreateInstanceToken", hold=1000.0, times=1)
         params = {"RegistryId": registry_id, "TokenType": "longterm", "Desc": "ci"}
@@ -725,13 +730,7 @@ async def test_a_read_cancelled_mid_flight_is_recorded(
     simulator, endpoint = sim
     simulator.state.delays["DescribeInstances"] = 1000
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS,
-        region="ap-guangzhou",
-        endpoint=endpoint,
-        timeout=60,
-        on_call=records.append,
-    ) as tcr:
+    async with recording(endpoint, records, timeout=60) as tcr:
         with trio.move_on_after(10):
             await tcr.call("DescribeInstances")
     (record,) = records
@@ -772,13 +771,7 @@ async def test_write_whose_answer_is_lost_is_not_repeated(
 ) -> None:
     simulator, endpoint = sim
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS,
-        region="ap-guangzhou",
-        endpoint=endpoint,
-        timeout=5,
-        on_call=records.append,
-    ) as tcr:
+    async with recording(endpoint, records, timeout=5) as tcr:
         registry_id = await _instance(tcr)
         simulator.state.lose_answer("CreateInstanceToken", hold=hold, times=3)
         with pytest.raises(TcrTransportError) as info:
@@ -797,9 +790,7 @@ async def test_read_whose_answer_is_lost_is_repeated(sim: Sim) -> None:
     simulator, endpoint = sim
     simulator.state.lose_answer("DescribeInstances")
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS, region="ap-guangzhou", endpoint=endpoint, on_call=records.append
-    ) as tcr:
+    async with recording(endpoint, records) as tcr:
         assert (await tcr.call("DescribeInstances")).data["TotalCount"] == 0
     assert records[-1].attempts == 2
 
@@ -846,13 +837,7 @@ async def test_write_is_repeated_when_the_connection_is_refused(
     records: list[CallRecord] = []
     async with (
         refused_endpoint() as endpoint,
-        TcrClient(
-            CREDENTIALS,
-            region="ap-guangzhou",
-            endpoint=endpoint,
-            max_attempts=3,
-            on_call=records.append,
-        ) as tcr,
+        recording(endpoint, records, max_attempts=3) as tcr,
     ):
         with pytest.raises(TcrTransportError) as info:
             await tcr.call("CreateInstanceToken", {"RegistryId": MISSING})
@@ -946,13 +931,7 @@ async def test_answers_that_are_not_the_envelope(
 
 async def test_on_call_sees_every_call_with_its_outcome(sim: Sim) -> None:
     records: list[CallRecord] = []
-    async with TcrClient(
-        CREDENTIALS,
-        region="ap-guangzhou",
-        endpoint=sim[1],
-        on_call=records.append,
-        user_agent="tcr-mirror-test/9",
-    ) as tcr:
+    async with recording(sim[1], records, user_agent="tcr-mirror-test/9") as tcr:
         registry_id = await _instance(tcr)
         with pytest.raises(TcrError):
             await tcr.call("DeleteInstance", {"RegistryId": MISSING})
