@@ -1328,6 +1328,19 @@ def test_containerd_1_x_tries_a_carried_inline_host_after_the_mirror(
     assert registry.blob_gets("lib/app", digest, CONTAINERD_USER_AGENT_PREFIX) == 0
 
 
+def _write_private_ca_hosts(
+    host_dir: Path, registry: Registry, tls_files: TlsFiles, extra: str = ""
+) -> None:
+    """A hosts.toml whose server, and its host entry, trust a private CA
+    kept beside it; ``extra`` goes between the two."""
+    _write(host_dir / "private-ca.pem", tls_files.ca.read_bytes())
+    _write(
+        host_dir / "hosts.toml",
+        f'server = "{registry.url}"\nca = "private-ca.pem"\n{extra}'
+        f'[host."{registry.url}"]\n  ca = "private-ca.pem"\n'.encode(),
+    )
+
+
 @pytest.mark.root
 def test_the_fallback_keeps_the_replaced_server_and_its_ca(
     tls_registry: Registry, tls_files: TlsFiles, containerd: Containerd, tmp_path: Path
@@ -1336,13 +1349,11 @@ def test_the_fallback_keeps_the_replaced_server_and_its_ca(
     # registry, and only with the carried CA does its certificate verify.
     name = "images.example:5000"
     image = push_image(tls_registry, "lib/app", "v1", layer_sizes=[1500])
-    host_dir = tmp_path / "certs.d" / name
-    _write(host_dir / "private-ca.pem", tls_files.ca.read_bytes())
-    _write(
-        host_dir / "hosts.toml",
-        f'server = "{tls_registry.url}"\nca = "private-ca.pem"\n'
-        f'[header]\n  X-Team = "a"\n[host."{tls_registry.url}"]\n'
-        '  ca = "private-ca.pem"\n'.encode(),
+    _write_private_ca_hosts(
+        tmp_path / "certs.d" / name,
+        tls_registry,
+        tls_files,
+        '[header]\n  X-Team = "a"\n',
     )
     _configure(tmp_path / "certs.d", f"http://127.0.0.1:{free_port()}", name)
 
@@ -1376,12 +1387,7 @@ def test_a_registry_s_new_directory_keeps_what_default_gave_it(
     name = "images.example:5000"
     image = push_image(tls_registry, "lib/app", "v1", layer_sizes=[1500])
     certs = tmp_path / "certs.d"
-    _write(certs / "_default" / "private-ca.pem", tls_files.ca.read_bytes())
-    _write(
-        certs / "_default" / "hosts.toml",
-        f'server = "{tls_registry.url}"\nca = "private-ca.pem"\n'
-        f'[host."{tls_registry.url}"]\n  ca = "private-ca.pem"\n'.encode(),
-    )
+    _write_private_ca_hosts(certs / "_default", tls_registry, tls_files)
     before = containerd.pull(f"{name}/lib/app:v1", certs, plain_http=False)
     assert before.returncode == 0, before.stderr
     _configure(certs, f"http://127.0.0.1:{free_port()}", name)
