@@ -502,25 +502,29 @@ def test_audit_verify_names_the_tampered_line(cli: Cli, tmp_path: Path) -> None:
     )
 
 
+def first_credentials(server: Serving, host: str) -> httpx.Response:
+    """The node credentials for ``host`` once the first token is in (a
+    503 until then; bounded to about 5 s)."""
+    for _ in range(100):
+        answer = httpx.get(
+            server.credentials_url,
+            params={"registry": host},
+            headers={"Authorization": f"Bearer {NODE_SECRET}"},
+        )
+        if answer.status_code != 503:
+            break
+        time.sleep(0.05)
+    return answer
+
+
 def test_serve_hands_out_tokens(cli: Cli) -> None:
     rid = cli.instances["cli-two"]
     with serving(cli) as server:
         host = "cli-two.tencentcloudcr.com"
         assert server.listening["registries"] == {host: rid}
-        url = server.credentials_url
-        good = None
-        for _ in range(100):
-            good = httpx.get(
-                url,
-                params={"registry": host},
-                headers={"Authorization": f"Bearer {NODE_SECRET}"},
-            )
-            if good.status_code != 503:
-                break
-            time.sleep(0.05)
-        assert good is not None
+        good = first_credentials(server, host)
         assert good.status_code == 200, good.text
-        bad = httpx.get(url, params={"registry": host})
+        bad = httpx.get(server.credentials_url, params={"registry": host})
         assert bad.status_code == 401
     assert server.process.returncode == 0
     token = good.json()["password"]
@@ -531,17 +535,7 @@ def test_serve_hands_out_tokens(cli: Cli) -> None:
 
 def test_serve_logs_only_json_lines(cli: Cli) -> None:
     with serving(cli) as server:
-        answer = None
-        for _ in range(100):
-            answer = httpx.get(
-                server.credentials_url,
-                params={"registry": "cli-two.tencentcloudcr.com"},
-                headers={"Authorization": f"Bearer {NODE_SECRET}"},
-            )
-            if answer.status_code != 503:
-                break
-            time.sleep(0.05)
-        assert answer is not None
+        answer = first_credentials(server, "cli-two.tencentcloudcr.com")
         assert answer.status_code == 200, answer.text
     lines = [line for line in server.stderr if line.strip()]
     assert any('"token_renewed"' in line for line in lines)
