@@ -521,15 +521,20 @@ async def test_cli_serves_and_exits_zero_on_sigterm(
     assert SECRET_KEY not in process.stderr.read()
 
 
-def test_cli_without_keys_is_a_one_line_error() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENCENTCLOUD_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "tcr_mirror", "sim", "--listen", "127.0.0.1:0"],
+def run_sim_cli(listen: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``tcr-mirror sim --listen LISTEN`` run to its end (a start that fails)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tcr_mirror", "sim", "--listen", listen],
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_cli_without_keys_is_a_one_line_error() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENCENTCLOUD_")}
+    done = run_sim_cli("127.0.0.1:0", env)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "tcr-mirror: error: environment variable TENCENTCLOUD_SECRET_ID is not set"
@@ -546,20 +551,7 @@ def test_cli_on_an_address_in_use_is_a_one_line_error() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tcr_mirror",
-                "sim",
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = run_sim_cli(f"127.0.0.1:{port}", env)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"tcr-mirror: error: cannot listen on 127.0.0.1:{port} (--listen): "
