@@ -37,6 +37,7 @@ from tcr_mirror.proxy._oci import (
     Digest,
     Kind,
     Route,
+    is_uint,
     parse_digest,
     parse_range,
     parse_route,
@@ -283,12 +284,7 @@ class Mirror:
         ) as r:
             if r.status_code != 200:
                 raise status_error(r, f"manifest {name}:{reference}", upstream.key)
-            media_type = r.headers.get("content-type", "")
-            digest_text = r.headers.get("docker-content-digest", "")
-        try:
-            return parse_digest(digest_text), media_type
-        except RegistryError:
-            return None, media_type
+            return _digest_header(r.headers), r.headers.get("content-type", "")
 
     async def _get_manifest(
         self,
@@ -477,8 +473,7 @@ class Mirror:
                     r, f"blob {digest}", upstream.key, not_found=BlobUnknown
                 )
             size = r.headers.get("content-length", "")
-        # isdigit() alone takes "²", which int() refuses.
-        if not (size.isascii() and size.isdigit() and len(size) <= 19):
+        if not is_uint(size):
             raise UpstreamUnavailable(f"upstream {upstream.key} sent no blob size")
         byte_range = parse_range(request.headers.get("range"), int(size))
         headers = _blob_headers(digest)

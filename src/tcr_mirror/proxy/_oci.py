@@ -30,6 +30,7 @@ __all__ = [
     "Kind",
     "Route",
     "is_digest",
+    "is_uint",
     "parse_digest",
     "parse_range",
     "parse_route",
@@ -203,7 +204,7 @@ def _tags_query(query: dict[str, str]) -> tuple[tuple[str, str], ...]:
     for key, value in picked:
         # isdigit() alone takes "²", and a few thousand digits, both of
         # which int() refuses.
-        if key == "n" and not (_is_uint(value) and int(value) <= _MAX_TAGS_PAGE):
+        if key == "n" and not (is_uint(value) and int(value) <= _MAX_TAGS_PAGE):
             raise PaginationNumberInvalid(f"invalid n {_clip(value)!r}")
         if key == "last" and not _TAG_RE.fullmatch(value):
             raise TagInvalid(f"invalid last {_clip(value)!r}")
@@ -247,7 +248,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if "," in spec:
         return None
     first_text, dash, last_text = spec.strip().partition("-")
-    if not dash or not _is_uint(first_text or "0") or not _is_uint(last_text or "0"):
+    if not dash or not is_uint(first_text or "0") or not is_uint(last_text or "0"):
         raise RangeInvalid(f"malformed Range header {_clip(header)!r}", size=size)
 
     if not first_text:
@@ -264,7 +265,9 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(first, min(last, size - 1))
 
 
-def _is_uint(text: str) -> bool:
+def is_uint(text: str) -> bool:
+    """Whether ``text`` is decimal digits ``int()`` takes, at most 19 of them
+    (any such number fits an unsigned 64-bit count)."""
     return text.isascii() and text.isdigit() and len(text) <= 19
 
 
