@@ -306,6 +306,7 @@ class TcrClient:
         response: TcrResponse | None = None
         error: TcrError | None = None
         attempt = 0
+        cancelled: trio.Cancelled | None = None
         try:
             while attempt < self.max_attempts:
                 attempt += 1
@@ -318,26 +319,28 @@ class TcrClient:
                     if not _is_retryable(action, exc) or attempt == self.max_attempts:
                         break
                     await self._backoff(action, attempt, exc)
-        except trio.Cancelled:
+        except trio.Cancelled as exc:
             # A shutdown cut the call short, maybe after TCR acted on it:
             # the audit log must still hold it, a write as maybe applied.
-            error = TcrTransportError(
-                CANCELLED, "cancelled before an answer arrived", action=action
+            cancelled = exc
+            response, error = (
+                None,
+                TcrTransportError(
+                    CANCELLED, "cancelled before an answer arrived", action=action
+                ),
             )
-            if not is_read(action):
-                error = _unknown_outcome(action, error)
-            with trio.CancelScope(shield=True), trio.move_on_after(_RECORD_GRACE):
-                await self._record(
-                    action, params, None, error, started_at,
-                    trio.current_time() - start, attempt,
-                )  # fmt: skip
-            raise
         if error is not None and not is_read(action):
             error = _unknown_outcome(action, error)
         duration = trio.current_time() - start
-        await self._record(
-            action, params, response, error, started_at, duration, attempt
-        )
+        # Shielded for a cancelled call only, and then for a short while.
+        with trio.CancelScope(shield=cancelled is not None) as scope:
+            if cancelled is not None:
+                scope.deadline = trio.current_time() + _RECORD_GRACE
+            await self._record(
+                action, params, response, error, started_at, duration, attempt
+            )
+        if cancelled is not None:
+            raise cancelled
         if error is not None:
             raise error
         assert response is not None
