@@ -323,11 +323,8 @@ class TcrClient:
             # A shutdown cut the call short, maybe after TCR acted on it:
             # the audit log must still hold it, a write as maybe applied.
             cancelled = exc
-            response, error = (
-                None,
-                TcrTransportError(
-                    CANCELLED, "cancelled before an answer arrived", action=action
-                ),
+            error = TcrTransportError(
+                CANCELLED, "cancelled before an answer arrived", action=action
             )
         if error is not None and not is_read(action):
             error = _unknown_outcome(action, error)
